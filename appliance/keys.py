@@ -1,0 +1,138 @@
+"""Every Redis key and channel name the appliance uses, in one place.
+
+The names are the original system's (`job:{id}`, `jobs:pending`, `worker:{id}`, ...) so that the guide's
+`redis-cli` checks keep working. An optional prefix namespaces all of them. Lua scripts receive whole keys
+through KEYS, or, where a script only learns an id at run time (the job it claims), one of the prefixes
+below through ARGV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds key names under an optional prefix."""
+
+    prefix: str = ""
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def job_prefix(self) -> str:
+        return f"{self.prefix}job:"
+
+    def progress(self, job_id: str) -> str:
+        return f"{self.prefix}progress:{job_id}"
+
+    @property
+    def progress_prefix(self) -> str:
+        return f"{self.prefix}progress:"
+
+    @property
+    def pending(self) -> str:
+        """All pending jobs; higher score first, FIFO among equal priorities (read with ZREVRANGE)."""
+        return f"{self.prefix}jobs:pending"
+
+    def pending_service(self, service: str) -> str:
+        """Pending jobs of one service, same scores as `pending`: what a claim reads."""
+        return f"{self.prefix}jobs:pending:{service}"
+
+    @property
+    def pending_service_prefix(self) -> str:
+        return f"{self.prefix}jobs:pending:"
+
+    @property
+    def delayed(self) -> str:
+        """Jobs waiting to be retried; score = when they are due (epoch ms)."""
+        return f"{self.prefix}jobs:delayed"
+
+    @property
+    def leases(self) -> str:
+        """Jobs held by a worker; score = when the holder's lease runs out (epoch ms)."""
+        return f"{self.prefix}jobs:leases"
+
+    @property
+    def seq(self) -> str:
+        """Counter giving every submitted job its place in line."""
+        return f"{self.prefix}jobs:seq"
+
+    @property
+    def index_all(self) -> str:
+        """Every known job; score = its sequence number (newest first with ZREVRANGE)."""
+        return f"{self.prefix}jobs:index:all"
+
+    def index_status(self, status: str) -> str:
+        return f"{self.prefix}jobs:index:status:{status}"
+
+    @property
+    def index_status_prefix(self) -> str:
+        return f"{self.prefix}jobs:index:status:"
+
+    def index_service(self, service: str) -> str:
+        return f"{self.prefix}jobs:index:service:{service}"
+
+    @property
+    def index_service_prefix(self) -> str:
+        return f"{self.prefix}jobs:index:service:"
+
+    @property
+    def expiry(self) -> str:
+        """Finished jobs; score = when their record expires (epoch ms), to prune the indexes."""
+        return f"{self.prefix}jobs:expiry"
+
+    @property
+    def services(self) -> str:
+        """Set of every service a job was ever submitted for."""
+        return f"{self.prefix}jobs:services"
+
+    @property
+    def cancels(self) -> str:
+        """Pub/sub channel telling workers to stop a running job ({"job_id", "worker_id"} JSON)."""
+        return f"{self.prefix}jobs:cancel"
+
+    def scratch(self, token: str) -> str:
+        """A short-lived key for one listing query (intersections of two indexes)."""
+        return f"{self.prefix}jobs:scratch:{token}"
+
+    @property
+    def stats(self) -> str:
+        """Counters over the appliance's life (submitted, completed, failed, ...)."""
+        return f"{self.prefix}jobs:stats"
+
+    def wake(self, service: str) -> str:
+        """Pub/sub channel that wakes idle workers serving `service` when a job arrives."""
+        return f"{self.prefix}jobs:wake:{service}"
+
+    @property
+    def wake_prefix(self) -> str:
+        return f"{self.prefix}jobs:wake:"
+
+    # -- workers ------------------------------------------------------------------------------------
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    @property
+    def worker_prefix(self) -> str:
+        return f"{self.prefix}worker:"
+
+    def worker_heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}:heartbeat"
+
+    def worker_jobs(self, worker_id: str) -> str:
+        """Set of the job ids a worker holds right now."""
+        return f"{self.prefix}worker:{worker_id}:jobs"
+
+
+    @property
+    def workers_active(self) -> str:
+        return f"{self.prefix}workers:active"
+
+    # -- events ---------------------------------------------------------------------------------------
+    @property
+    def events(self) -> str:
+        """Stream of appliance-wide events (job submitted/finished, workers joining/leaving) for monitors."""
+        return f"{self.prefix}events"

@@ -1,0 +1,95 @@
+-- _lib: shared prelude, prepended to every script when it is loaded (no build step).
+--
+-- Every script receives the same leading KEYS and ARGV, then its own (documented in its header):
+-- KEYS[1] jobs:pending         zset  all pending jobs, higher score first
+-- KEYS[2] jobs:delayed         zset  jobs waiting for a retry, score = due time (ms)
+-- KEYS[3] jobs:leases          zset  jobs held by workers, score = lease deadline (ms)
+-- KEYS[4] jobs:index:all       zset  every job, score = sequence number
+-- KEYS[5] jobs:expiry          zset  finished jobs, member "id<TAB>status<TAB>service", score = expiry (ms)
+-- KEYS[6] events               stream appliance-wide events (for monitors)
+-- KEYS[7] jobs:stats           hash  life-time counters
+-- ARGV[1] prefix of job hashes ("job:")            ARGV[2] prefix of progress streams ("progress:")
+-- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service pending zsets
+-- ARGV[5] prefix of per-service wake channels      ARGV[6] progress stream MAXLEN (approximate)
+-- ARGV[7] events stream MAXLEN (approximate)       ARGV[8] now (epoch ms)   ARGV[9] now (ISO 8601)
+-- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
+-- appliance/keys.py like every other name.
+local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local P_JOB, P_PROGRESS, P_STATUS, P_PENDING_SVC, P_WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local PROGRESS_MAXLEN, EVENTS_MAXLEN = ARGV[6], ARGV[7]
+local NOW_MS, NOW_ISO = tonumber(ARGV[8]), ARGV[9]
+local FIRST_ARG, FIRST_KEY = 10, 8
+
+local ACTIVE = { assigned = true, in_progress = true }
+local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
+
+-- Append one event to the job's stream and to the appliance-wide stream; returns the job stream entry id.
+local function emit(job_id, fields)
+  local id = redis.call('XADD', P_PROGRESS .. job_id, 'MAXLEN', '~', PROGRESS_MAXLEN, '*',
+    'job_id', job_id, 'updated_at', NOW_ISO, unpack(fields))
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'job_id', job_id, 'updated_at', NOW_ISO,
+    unpack(fields))
+  return id
+end
+
+-- Move a job between status indexes and record the new status on its hash.
+local function set_status(job_id, old, new, seq)
+  if old ~= new then
+    if old and old ~= '' then redis.call('ZREM', P_STATUS .. old, job_id) end
+    redis.call('ZADD', P_STATUS .. new, seq, job_id)
+  end
+  redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO)
+end
+
+-- Put a job (back) in line at its own score: its priority and original place.
+local function enqueue(job_id, service, score)
+  redis.call('ZADD', K_PENDING, score, job_id)
+  redis.call('ZADD', P_PENDING_SVC .. service, score, job_id)
+  redis.call('PUBLISH', P_WAKE .. service, job_id)
+end
+
+-- Take a job out of every waiting line.
+local function dequeue(job_id, service)
+  redis.call('ZREM', K_PENDING, job_id)
+  redis.call('ZREM', P_PENDING_SVC .. service, job_id)
+  redis.call('ZREM', K_DELAYED, job_id)
+end
+
+-- Bookkeeping for a job that reached a terminal status: each of its keys expires on its own.
+local function retire(job_id, status, service, ttl_s)
+  redis.call('ZREM', K_LEASES, job_id)
+  redis.call('EXPIRE', P_JOB .. job_id, ttl_s)
+  redis.call('EXPIRE', P_PROGRESS .. job_id, ttl_s)
+  redis.call('ZADD', K_EXPIRY, NOW_MS + ttl_s * 1000, job_id .. '\t' .. status .. '\t' .. service)
+  redis.call('HINCRBY', K_STATS, status, 1)
+end
+
+-- Release a worker's hold on a job (worker hash counters and its set of held jobs).
+local function unhold(worker_key, worker_jobs_key, job_id)
+  if worker_jobs_key and redis.call('SREM', worker_jobs_key, job_id) == 1 and worker_key then
+    if redis.call('EXISTS', worker_key) == 1 then
+      local left = redis.call('SCARD', worker_jobs_key)
+      redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
+      if left == 0 then
+        redis.call('HSET', worker_key, 'status', 'idle', 'current_job_id', '')
+      end
+    end
+  end
+end
+
+-- The job's status, seq, service, score, retry_count, max_retries and started_at if `worker_id` holds it
+-- under `attempt`; otherwise nil and why ("not_found", or "lost": the job moved on without this worker).
+local function held(job_id, worker_id, attempt)
+  local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'seq',
+    'service_required', 'score', 'retry_count', 'max_retries', 'started_at')
+  if not job[1] then return nil, 'not_found' end
+  if not ACTIVE[job[1]] or job[2] ~= worker_id or job[3] ~= attempt then return nil, 'lost' end
+  return { status = job[1], seq = job[4], service = job[5], score = job[6],
+    retry_count = tonumber(job[7]) or 0, max_retries = tonumber(job[8]) or 0, started_at = job[9] }
+end
+
+-- Add one to a counter on a worker's hash, if the worker is still registered.
+local function count(worker_key, field)
+  if redis.call('EXISTS', worker_key) == 1 then redis.call('HINCRBY', worker_key, field, 1) end
+end

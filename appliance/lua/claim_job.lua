@@ -1,0 +1,58 @@
+-- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
+-- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds
+-- KEYS[9]   worker:{id}                worker hash (status, current job)
+-- KEYS[10..] jobs:pending:{service}    one zset per service the worker serves
+-- ARGV[10] worker id   ARGV[11] how many jobs to take at most   ARGV[12] lease (ms)
+-- Due retries in jobs:delayed are first put back in line at their own score. Only the heads of the
+-- worker's own service queues are read: pending jobs of other services cost nothing.
+-- Returns {next_due_ms or -1, job1_fields, job2_fields, ...} where each jobN_fields is HGETALL's list.
+local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
+local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
+
+local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_MS, 'LIMIT', 0, 100)
+for _, job_id in ipairs(due) do
+  local job = redis.call('HMGET', P_JOB .. job_id, 'service_required', 'score', 'status')
+  redis.call('ZREM', K_DELAYED, job_id)
+  if job[1] and job[3] == 'pending' then enqueue(job_id, job[1], job[2]) end
+end
+
+local claimed = {}
+while #claimed < want do
+  local best_key, best_id, best_score = nil, nil, nil
+  for i = FIRST_KEY + 2, #KEYS do
+    local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if head[1] and (best_score == nil or tonumber(head[2]) > best_score) then
+      best_key, best_id, best_score = KEYS[i], head[1], tonumber(head[2])
+    end
+  end
+  if best_id == nil then break end
+  redis.call('ZREM', best_key, best_id)
+  redis.call('ZREM', K_PENDING, best_id)
+  local job_key = P_JOB .. best_id
+  local job = redis.call('HMGET', job_key, 'status', 'seq')
+  if job[1] == 'pending' then
+    local attempt = redis.call('HINCRBY', job_key, 'attempt', 1)
+    set_status(best_id, 'pending', 'assigned', job[2])
+    redis.call('HSET', job_key, 'worker_id', worker_id, 'assigned_at', NOW_ISO, 'progress', 0,
+      'message', '', 'retry_at', '')
+    redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, best_id)
+    redis.call('SADD', worker_jobs_key, best_id)
+    emit(best_id, { 'event', 'assigned', 'status', 'assigned', 'worker_id', worker_id,
+      'attempt', attempt, 'progress', 0 })
+    claimed[#claimed + 1] = redis.call('HGETALL', job_key)
+  end
+end
+
+if #claimed > 0 and redis.call('EXISTS', worker_key) == 1 then
+  local last = claimed[#claimed]
+  redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', redis.call('SCARD', worker_jobs_key),
+    'last_status_change', NOW_ISO)
+  for i = 1, #last, 2 do
+    if last[i] == 'id' then redis.call('HSET', worker_key, 'current_job_id', last[i + 1]) end
+  end
+end
+
+local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+local result = { next_due[2] and tonumber(next_due[2]) or -1 }
+for _, job in ipairs(claimed) do result[#result + 1] = job end
+return result

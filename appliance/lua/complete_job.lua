@@ -1,0 +1,24 @@
+-- complete_job: finish a job with its result (refused unless the caller still holds it).
+-- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
+-- ARGV[10] job id  ARGV[11] worker id  ARGV[12] attempt  ARGV[13] result (JSON)  ARGV[14] retention (s)
+-- ARGV[15] message
+-- Returns {"ok"} or {"not_found"} / {"lost"}.
+local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
+local result, ttl_s, message = ARGV[FIRST_ARG + 3], tonumber(ARGV[FIRST_ARG + 4]), ARGV[FIRST_ARG + 5]
+local job, why = held(job_id, worker_id, attempt)
+if not job then
+  if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
+  return { why }
+end
+set_status(job_id, job.status, 'completed', job.seq)
+redis.call('HSET', P_JOB .. job_id, 'result', result, 'progress', 100, 'message', message,
+  'completed_at', NOW_ISO, 'error', '')
+if job.started_at == false or job.started_at == '' then
+  redis.call('HSET', P_JOB .. job_id, 'started_at', NOW_ISO)
+end
+unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
+count(KEYS[FIRST_KEY + 1], 'total_jobs_completed')
+emit(job_id, { 'event', 'completed', 'status', 'completed', 'worker_id', worker_id, 'progress', 100,
+  'message', message, 'result', result, 'completed_at', NOW_ISO })
+retire(job_id, 'completed', job.service, ttl_s)
+return { 'ok' }

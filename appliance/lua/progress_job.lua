@@ -1,0 +1,24 @@
+-- progress_job: record one progress step of a running job (refused unless the caller still holds it).
+-- KEYS[8] worker:{id}:jobs
+-- ARGV[10] job id  ARGV[11] worker id  ARGV[12] attempt  ARGV[13] percent (0..100)  ARGV[14] message
+-- ARGV[15] current step  ARGV[16] total steps
+-- The first step moves the job from assigned to in_progress (with its own "in_progress" event).
+-- Returns {"ok", stream entry id} or {"not_found"} / {"lost"}.
+local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
+local percent, message = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
+local step, total = ARGV[FIRST_ARG + 5], ARGV[FIRST_ARG + 6]
+local job, why = held(job_id, worker_id, attempt)
+if not job then
+  if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
+  return { why }
+end
+if job.status == 'assigned' then
+  set_status(job_id, 'assigned', 'in_progress', job.seq)
+  redis.call('HSET', P_JOB .. job_id, 'started_at', NOW_ISO)
+  emit(job_id, { 'event', 'in_progress', 'status', 'in_progress', 'worker_id', worker_id, 'progress', percent })
+end
+redis.call('HSET', P_JOB .. job_id, 'progress', percent, 'message', message, 'current_step', step,
+  'total_steps', total)
+local id = emit(job_id, { 'event', 'progress', 'status', 'in_progress', 'worker_id', worker_id,
+  'progress', percent, 'message', message, 'current_step', step, 'total_steps', total })
+return { 'ok', id }

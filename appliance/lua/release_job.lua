@@ -1,0 +1,20 @@
+-- release_job: hand a held job back to the queue at its priority and place, without counting a retry
+-- (a worker draining on shutdown).
+-- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
+-- ARGV[10] job id  ARGV[11] worker id  ARGV[12] attempt  ARGV[13] reason
+-- Returns {"ok"} or {"not_found"} / {"lost"}.
+local job_id, worker_id, attempt, reason = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2],
+  ARGV[FIRST_ARG + 3]
+local job, why = held(job_id, worker_id, attempt)
+if not job then
+  if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
+  return { why }
+end
+unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
+redis.call('ZREM', K_LEASES, job_id)
+set_status(job_id, job.status, 'pending', job.seq)
+redis.call('HSET', P_JOB .. job_id, 'worker_id', '', 'progress', 0)
+emit(job_id, { 'event', 'requeued', 'status', 'pending', 'worker_id', worker_id, 'message', reason,
+  'progress', 0 })
+enqueue(job_id, job.service, job.score)
+return { 'ok' }

@@ -1,0 +1,31 @@
+-- submit_job: create a job and put it in line.
+-- KEYS[8]  job:{id}                   hash, must not exist
+-- KEYS[9]  jobs:pending:{service}     zset
+-- KEYS[10] jobs:seq                   counter
+-- KEYS[11] jobs:index:service:{svc}   zset
+-- KEYS[12] jobs:services              set of every service ever submitted
+-- ARGV[10] job id   ARGV[11] service   ARGV[12] priority (integer 0..1000000)
+-- ARGV[13..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
+-- (the largest score, about 8.6e15, stays below 2^53).
+-- Returns {"ok", seq} or {"exists"}.
+local job_key = KEYS[FIRST_KEY]
+local job_id, service, priority = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], tonumber(ARGV[FIRST_ARG + 2])
+if redis.call('EXISTS', job_key) == 1 then return { 'exists' } end
+local seq = redis.call('INCR', KEYS[FIRST_KEY + 2])
+local span = 8589934592
+local score = string.format('%.0f', priority * span + (span - 1 - seq))
+local fields = {}
+for i = FIRST_ARG + 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', job_key, 'id', job_id, 'service_required', service, 'priority', priority,
+  'seq', seq, 'score', score, 'created_at', NOW_ISO, 'created_ms', NOW_MS, 'retry_count', 0,
+  'attempt', 0, 'progress', 0, unpack(fields))
+set_status(job_id, nil, 'pending', seq)
+redis.call('ZADD', K_INDEX_ALL, seq, job_id)
+redis.call('ZADD', KEYS[FIRST_KEY + 3], seq, job_id)
+redis.call('SADD', KEYS[FIRST_KEY + 4], service)
+redis.call('HINCRBY', K_STATS, 'submitted', 1)
+emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
+  'priority', priority, 'progress', 0 })
+enqueue(job_id, service, score)
+return { 'ok', seq }

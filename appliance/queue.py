@@ -1,0 +1,121 @@
+"""The queue as clients see it: submit, read, list and cancel jobs; read workers and depth."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import redis
+
+from appliance import clock
+from appliance.jobs import STATUS_VALUES, JobSpec, public_job
+from appliance.keys import Keys
+from appliance.scripts import Scripts
+from appliance.settings import QueueSettings
+
+LIST_LIMIT_MAX = 1000
+
+
+class Queue:
+    """Client-side operations on the job queue, shared by the API, the CLI and the tests."""
+
+    def __init__(self, client: redis.Redis, settings: QueueSettings):
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.scripts = Scripts(client, self.keys, settings)
+
+    def submit(self, spec: JobSpec, now_ms: int | None = None) -> str:
+        """Store a checked job and put it in line; returns its id."""
+        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), now_ms)
+        return spec.id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        fields = self.client.hgetall(self.keys.job(job_id))
+        return public_job(fields) if fields else None
+
+    def get_many(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.keys.job(job_id))
+        return [public_job(fields) for fields in pipe.execute() if fields]
+
+    def list(self, status: str | None = None, service: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Jobs newest first, filtered by status and/or service, from the indexes; returns (page, total)."""
+        self.scripts.prune()
+        k = self.keys
+        if status and service:
+            scratch = k.scratch(uuid.uuid4().hex)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zinterstore(scratch, {k.index_status(status): 1, k.index_service(service): 0})
+            pipe.zrevrange(scratch, offset, offset + limit - 1)
+            pipe.zcard(scratch)
+            pipe.delete(scratch)
+            _, ids, total, _ = pipe.execute()
+        else:
+            index = k.index_status(status) if status else k.index_service(service) if service else k.index_all
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            pipe.zcard(index)
+            ids, total = pipe.execute()
+        return self.get_many(ids), int(total)
+
+    def cancel(self, job_id: str, reason: str = "Job cancelled by user") -> str:
+        return self.scripts.cancel(job_id, reason)
+
+    def depth(self) -> int:
+        """How many jobs wait in line now (retries waiting for their backoff not included)."""
+        return int(self.client.zcard(self.keys.pending))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status, from the indexes."""
+        self.scripts.prune()
+        pipe = self.client.pipeline(transaction=False)
+        for status in STATUS_VALUES:
+            pipe.zcard(self.keys.index_status(status))
+        return dict(zip(STATUS_VALUES, (int(n) for n in pipe.execute())))
+
+    def worker_ids(self) -> list[str]:
+        return sorted(self.client.smembers(self.keys.workers_active))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Registered workers with their record and heartbeat age (seconds), sorted by id."""
+        ids = self.worker_ids()
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self.keys.worker(worker_id))
+            pipe.ttl(self.keys.worker_heartbeat(worker_id))
+        replies = pipe.execute()
+        now = clock.now_ms()
+        workers = []
+        for worker_id, fields, ttl in zip(ids, replies[::2], replies[1::2]):
+            if not fields:
+                continue
+            workers.append(public_worker(worker_id, fields, int(ttl), now))
+        return workers
+
+
+_WORKER_JSON = ("capabilities", "telemetry")
+_WORKER_INT = ("current_jobs", "total_jobs_completed", "total_jobs_failed", "max_concurrent_jobs", "pid")
+
+
+def public_worker(worker_id: str, fields: dict[str, str], heartbeat_ttl_s: int, now_ms: int) -> dict[str, Any]:
+    """A worker hash as clients see it, with `alive` and `heartbeat_age_s` from its heartbeat key."""
+    worker: dict[str, Any] = {"id": worker_id}
+    for name, value in fields.items():
+        if name in _WORKER_JSON:
+            try:
+                worker[name] = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                worker[name] = value
+        elif name in _WORKER_INT:
+            worker[name] = int(value) if value.lstrip("-").isdigit() else value
+        else:
+            worker[name] = value
+    worker["alive"] = heartbeat_ttl_s > 0
+    worker["heartbeat_ttl_s"] = max(heartbeat_ttl_s, 0)
+    beat = fields.get("last_heartbeat_ms", "")
+    worker["heartbeat_age_s"] = round((now_ms - int(beat)) / 1000, 3) if beat.isdigit() else None
+    return worker

@@ -1,0 +1,188 @@
+"""The Lua scripts, loaded once, each wrapped in one typed method that turns return codes into exceptions.
+
+Each script lives in `appliance/lua/<verb>_<noun>.lua`; `_lib.lua` is prepended to all of them when they are
+loaded, so they share one set of helpers without a build step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis
+
+from appliance import clock
+from appliance.errors import JobExists, JobFinished, JobLost, JobNotFound
+from appliance.keys import Keys
+from appliance.settings import QueueSettings
+
+SCRIPT_NAMES = (
+    "submit_job", "claim_job", "progress_job", "complete_job", "fail_job", "release_job", "cancel_job",
+    "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs",
+)
+
+
+def load_source(name: str) -> str:
+    """The full source of a script: the shared prelude followed by the script itself."""
+    folder = resources.files("appliance") / "lua"
+    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a worker has just claimed: its record as stored, and the attempt number that proves the hold."""
+
+    fields: dict[str, str]
+
+    @property
+    def id(self) -> str:
+        return self.fields["id"]
+
+    @property
+    def attempt(self) -> str:
+        return self.fields["attempt"]
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    jobs: list[Claimed]
+    next_due_ms: int | None
+
+
+@dataclass(frozen=True)
+class FailResult:
+    retrying: bool
+    status: str
+    retry_count: int = 0
+    due_ms: int = 0
+
+
+class Scripts:
+    """Typed access to every Lua script over one Redis client."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: QueueSettings):
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self._scripts = {name: client.register_script(load_source(name)) for name in SCRIPT_NAMES}
+        self._fixed_keys = [keys.pending, keys.delayed, keys.leases, keys.index_all, keys.expiry, keys.events,
+                            keys.stats]
+        self._prefixes = [keys.job_prefix, keys.progress_prefix, keys.index_status_prefix,
+                          keys.pending_service_prefix, keys.wake_prefix, str(settings.progress_maxlen),
+                          str(settings.events_maxlen)]
+
+    def _call(self, name: str, keys: list[str], args: list[Any], now_ms: int | None = None,
+              client: Any = None) -> Any:
+        ms = clock.now_ms() if now_ms is None else now_ms
+        argv = [*self._prefixes, ms, clock.iso(ms), *args]
+        return self._scripts[name](keys=self._fixed_keys + keys, args=argv, client=client or self.client)
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
+               now_ms: int | None = None) -> int:
+        """Create a pending job; returns its sequence number. Raises JobExists."""
+        k = self.keys
+        flat = [item for pair in fields.items() for item in pair]
+        reply = self._call("submit_job",
+                           [k.job(job_id), k.pending_service(service), k.seq, k.index_service(service),
+                            k.services],
+                           [job_id, service, priority, *flat], now_ms)
+        if reply[0] == "exists":
+            raise JobExists(job_id)
+        return int(reply[1])
+
+    def claim(self, worker_id: str, services: tuple[str, ...], count: int, lease_ms: int,
+              now_ms: int | None = None) -> ClaimResult:
+        k = self.keys
+        reply = self._call("claim_job",
+                           [k.worker_jobs(worker_id), k.worker(worker_id),
+                            *(k.pending_service(s) for s in services)],
+                           [worker_id, count, lease_ms], now_ms)
+        jobs = [Claimed(dict(zip(flat[::2], flat[1::2]))) for flat in reply[1:]]
+        next_due = int(reply[0])
+        return ClaimResult(jobs, None if next_due < 0 else next_due)
+
+    def _held_reply(self, reply: list[Any], job_id: str, worker_id: str) -> list[Any]:
+        if reply[0] == "not_found":
+            raise JobNotFound(job_id)
+        if reply[0] == "lost":
+            raise JobLost(job_id, worker_id)
+        return reply
+
+    def progress(self, job_id: str, worker_id: str, attempt: str, percent: int, message: str = "",
+                 step: int | str = "", total: int | str = "", now_ms: int | None = None) -> str:
+        """Record a progress step; returns its stream entry id. Raises JobLost or JobNotFound."""
+        reply = self._call("progress_job", [self.keys.worker_jobs(worker_id)],
+                           [job_id, worker_id, attempt, percent, message, step, total], now_ms)
+        return str(self._held_reply(reply, job_id, worker_id)[1])
+
+    def complete(self, job_id: str, worker_id: str, attempt: str, result: Any, message: str = "",
+                 now_ms: int | None = None) -> None:
+        k = self.keys
+        reply = self._call("complete_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
+                           [job_id, worker_id, attempt, orjson.dumps(result),
+                            self.settings.completed_ttl_s, message or "Job completed"], now_ms)
+        self._held_reply(reply, job_id, worker_id)
+
+    def fail(self, job_id: str, worker_id: str, attempt: str, error: str, *, retryable: bool,
+             delay_ms: int, final_status: str = "failed", now_ms: int | None = None) -> FailResult:
+        k = self.keys
+        ttl = self.settings.failed_ttl_s
+        if final_status == "cancelled":
+            ttl = self.settings.completed_ttl_s
+        reply = self._call("fail_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
+                           [job_id, worker_id, attempt, error, 1 if retryable else 0, max(0, delay_ms), ttl,
+                            final_status], now_ms)
+        reply = self._held_reply(reply, job_id, worker_id)
+        if reply[0] == "retrying":
+            return FailResult(True, "pending", int(reply[1]), int(reply[2]))
+        return FailResult(False, str(reply[1]))
+
+    def release(self, job_id: str, worker_id: str, attempt: str, reason: str,
+                now_ms: int | None = None) -> None:
+        k = self.keys
+        reply = self._call("release_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
+                           [job_id, worker_id, attempt, reason], now_ms)
+        self._held_reply(reply, job_id, worker_id)
+
+    def cancel(self, job_id: str, reason: str = "Job cancelled by user", now_ms: int | None = None) -> str:
+        """Cancel a job: returns "cancelled" (was pending) or "cancelling" (its worker was told to stop).
+
+        Raises JobNotFound, or JobFinished if it already ended.
+        """
+        reply = self._call("cancel_job", [self.keys.job(job_id)],
+                           [job_id, self.settings.completed_ttl_s, self.keys.cancels, reason], now_ms)
+        if reply[0] == "not_found":
+            raise JobNotFound(job_id)
+        if reply[0] == "finished":
+            raise JobFinished(job_id, str(reply[1]))
+        return str(reply[0])
+
+    def prune(self, limit: int = 1000, now_ms: int | None = None) -> int:
+        return int(self._call("prune_jobs", [], [limit, self.keys.index_service_prefix], now_ms))
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def _worker_keys(self, worker_id: str) -> list[str]:
+        k = self.keys
+        return [k.worker(worker_id), k.worker_heartbeat(worker_id), k.workers_active, k.worker_jobs(worker_id)]
+
+    def register_worker(self, worker_id: str, ttl_s: int, fields: dict[str, str],
+                        now_ms: int | None = None) -> None:
+        flat = [item for pair in fields.items() for item in pair]
+        self._call("register_worker", self._worker_keys(worker_id)[:3], [worker_id, ttl_s, *flat], now_ms)
+
+    def deregister_worker(self, worker_id: str, now_ms: int | None = None) -> int:
+        reply = self._call("deregister_worker", self._worker_keys(worker_id), [worker_id], now_ms)
+        return int(reply[1])
+
+    def heartbeat_worker(self, worker_id: str, ttl_s: int, lease_ms: int, fields: dict[str, str],
+                         now_ms: int | None = None) -> list[str] | None:
+        """Refresh the heartbeat and leases; returns the ids of jobs lost meanwhile, or None if unregistered."""
+        flat = [item for pair in fields.items() for item in pair]
+        reply = self._call("heartbeat_worker", self._worker_keys(worker_id),
+                           [worker_id, ttl_s, lease_ms, *flat], now_ms)
+        if reply[0] == "unknown":
+            return None
+        return [str(job_id) for job_id in reply[1:]]
