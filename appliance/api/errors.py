@@ -1,0 +1,76 @@
+"""Every error leaves the API as the `{success: false, error, ...}` envelope; domain errors map here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import falcon
+import orjson
+import redis
+
+from appliance import clock
+from appliance.errors import JobExists, JobFinished, JobNotFound, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def envelope(error: str, **extra: Any) -> dict[str, Any]:
+    return {"success": False, "error": error, **extra, "timestamp": clock.iso(clock.now_ms())}
+
+
+def _respond(resp: falcon.Response, status: str, error: str, **extra: Any) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps(envelope(error, **extra))
+
+
+def serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """Falcon's own errors (unknown route, bad JSON, wrong method) in our envelope."""
+    message = exc.description or exc.title or "Request failed"
+    if exc.status == falcon.HTTP_404 and not exc.description:
+        message = f"No such endpoint: {req.method} {req.path}; see README for the API"
+    elif exc.status == falcon.HTTP_405:
+        message = f"Method {req.method} is not allowed on {req.path}"
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps(envelope(message))
+
+
+def handle_validation(req: falcon.Request, resp: falcon.Response, exc: ValidationError, params: Any) -> None:
+    _respond(resp, falcon.HTTP_400, str(exc), field=exc.field)
+
+
+def handle_not_found(req: falcon.Request, resp: falcon.Response, exc: JobNotFound, params: Any) -> None:
+    _respond(resp, falcon.HTTP_404, "Job not found", job_id=exc.job_id)
+
+
+def handle_finished(req: falcon.Request, resp: falcon.Response, exc: JobFinished, params: Any) -> None:
+    _respond(resp, falcon.HTTP_409, str(exc), job_id=exc.job_id, status=exc.status)
+
+
+def handle_exists(req: falcon.Request, resp: falcon.Response, exc: JobExists, params: Any) -> None:
+    _respond(resp, falcon.HTTP_409, str(exc), job_id=exc.job_id)
+
+
+def handle_redis(req: falcon.Request, resp: falcon.Response, exc: redis.RedisError, params: Any) -> None:
+    log.warning("Redis error on %s %s: %s", req.method, req.path, exc)
+    _respond(resp, falcon.HTTP_503, "Redis is not reachable; the job queue is unavailable. Check the redis "
+                                    "program (bin/appliance status) and REDIS_URL, then retry.")
+
+
+def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    log.exception("unexpected error on %s %s", req.method, req.path)
+    _respond(resp, falcon.HTTP_500, f"Internal error ({type(exc).__name__}); see the api log "
+                                    "(bin/appliance logs api)")
+
+
+def install(app: falcon.App) -> None:
+    app.set_error_serializer(serialize_http_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(ValidationError, handle_validation)
+    app.add_error_handler(JobNotFound, handle_not_found)
+    app.add_error_handler(JobFinished, handle_finished)
+    app.add_error_handler(JobExists, handle_exists)
+    app.add_error_handler(redis.RedisError, handle_redis)

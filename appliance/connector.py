@@ -1,0 +1,108 @@
+"""The small interface every connector implements, and what a running job offers it.
+
+Connectors live in the top-level `connectors` package and are found by name through the
+`appliance.connectors` entry-point group (setup.cfg), never by a dotted path taken from the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import gevent.event
+
+from appliance.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+
+class ConnectorError(Exception):
+    """A job failed inside a connector. `retryable=False` ends it at once (e.g. invalid input)."""
+
+    def __init__(self, message: str, *, retryable: bool = True, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.details = details or {}
+
+
+class JobContext:
+    """One attempt at one job, as a connector sees it."""
+
+    def __init__(self, fields: dict[str, str], payload: dict[str, Any], requirements: dict[str, Any],
+                 report: Callable[[int, str, int | str, int | str], None]):
+        self.fields = fields
+        self.id = fields["id"]
+        self.attempt = fields["attempt"]
+        self.service = fields["service_required"]
+        self.payload = payload
+        self.requirements = requirements
+        self.stop_reason = ""
+        self.stopped = gevent.event.Event()
+        self._report = report
+
+    def progress(self, percent: float, message: str = "", step: int | str = "", total: int | str = "") -> None:
+        """Report progress (0-100). Never raises: a failed write is logged by the worker."""
+        self._report(max(0, min(100, round(percent))), message, step, total)
+
+    def stop(self, reason: str) -> None:
+        """Ask the attempt to stop (cancel, timeout, lost lease, shutdown); the first reason wins."""
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self.stopped.set()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake early and raise `JobStopped` if the job is told to stop."""
+        if self.stopped.wait(seconds):
+            raise JobStopped(self.stop_reason)
+
+
+class JobStopped(Exception):
+    """Raised inside a connector when the job was told to stop."""
+
+
+class Connector(ABC):
+    """Runs jobs of some services. Subclasses parse their own WORKER_<NAME>_* settings in __init__."""
+
+    name: ClassVar[str]
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def start(self) -> None:
+        """Connect to the backing service, if any. Raise to refuse loading."""
+
+    def stop(self) -> None:
+        """Release what `start` took."""
+
+    def healthy(self) -> bool:
+        return True
+
+    def models(self) -> list[str]:
+        return []
+
+    @abstractmethod
+    def run(self, job: JobContext) -> Any:
+        """Run one job and return its result (JSON-serialisable). Raise ConnectorError on failure."""
+
+    def cancel(self, job: JobContext) -> None:
+        """Stop a running job in the backing service (called on cancel and timeout, before a hard stop)."""
+
+
+def load_connectors(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Connector]:
+    """Instantiate the connectors named in WORKER_CONNECTORS; an unknown name is a settings error."""
+    available = {ep.name: ep for ep in entry_points(group="appliance.connectors")}
+    loaded: dict[str, Connector] = {}
+    for name in names:
+        if name not in available:
+            known = ", ".join(sorted(available)) or "none installed"
+            raise SettingsError(f"WORKER_CONNECTORS: unknown connector {name!r} (available: {known})")
+        cls = available[name].load()
+        loaded[name] = cls(env)
+    return loaded

@@ -1,0 +1,388 @@
+"""The worker: claims jobs it can serve from Redis, runs them through connectors, reports back.
+
+Runs under gevent (see `appliance.worker_process`): one greenlet per running job, one for heartbeats and
+lease renewal, one listening for wake-ups and cancels. `run_once(now_ms)` is one claim step, so tests can
+drive the loop and its clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import gevent
+import gevent.event
+import orjson
+import redis
+
+from appliance import __version__, clock
+from appliance.connector import Connector, ConnectorError, JobContext, JobStopped
+from appliance.errors import JobLost, JobNotFound
+from appliance.keys import Keys
+from appliance.scripts import Claimed, Scripts
+from appliance.settings import WorkerSettings
+from appliance.telemetry import HostSampler
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Running:
+    """A job attempt this worker holds."""
+
+    claimed: Claimed
+    context: JobContext
+    greenlet: gevent.Greenlet | None = None
+    started_ms: int = field(default_factory=clock.now_ms)
+
+
+class Worker:
+    """One worker process's loop over the queue."""
+
+    def __init__(self, settings: WorkerSettings, client: redis.Redis, listener_client: redis.Redis,
+                 connectors: dict[str, Connector], sampler: HostSampler | None = None):
+        self.settings = settings
+        self.id = settings.worker_id
+        self.client = client
+        self.listener_client = listener_client
+        self.keys = Keys(settings.queue.key_prefix)
+        self.scripts = Scripts(client, self.keys, settings.queue)
+        self.connectors = connectors
+        self.by_service: dict[str, Connector] = {}
+        for connector in connectors.values():
+            for service in connector.services:
+                self.by_service.setdefault(service, connector)
+        self.services = tuple(s for s in settings.services if s in self.by_service)
+        self.sampler = sampler or HostSampler()
+        self.running: dict[str, Running] = {}
+        self.draining = False
+        self.stopped = gevent.event.Event()
+        self._wake = gevent.event.Event()
+        self._next_due_ms: int | None = None
+        self._greenlets: list[gevent.Greenlet] = []
+        self._term_count = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def capabilities(self) -> dict[str, Any]:
+        hw = self.settings.hardware
+        return {
+            "worker_id": self.id,
+            "services": list(self.services),
+            "hardware": {"gpu_count": hw.gpu_count, "gpu_memory_gb": hw.gpu_memory_gb, "gpu_model": hw.gpu_model,
+                         "cpu_cores": hw.cpu_cores, "ram_gb": hw.ram_gb},
+            "models": {name: c.models() for name, c in self.connectors.items()},
+            "customer_access": {"isolation": "loose", "allowed_customers": [], "denied_customers": []},
+            "performance": {"concurrent_jobs": self.settings.max_concurrent_jobs,
+                            "max_processing_time_minutes": self.settings.job_timeout_minutes},
+            "metadata": {"version": __version__, "python": platform.python_version(),
+                         "platform": platform.system().lower(), "arch": platform.machine(),
+                         "hostname": socket.gethostname()},
+        }
+
+    def register(self) -> None:
+        fields = {
+            "capabilities": orjson.dumps(self.capabilities()).decode(),
+            "services": ",".join(self.services),
+            "connectors": ",".join(self.connectors),
+            "max_concurrent_jobs": str(self.settings.max_concurrent_jobs),
+            "pid": str(os.getpid()),
+            "hostname": socket.gethostname(),
+            "version": __version__,
+            "last_heartbeat_ms": str(clock.now_ms()),
+            "telemetry": orjson.dumps(self.sampler.sample()).decode(),
+        }
+        self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields)
+        log.info("worker registered id=%s services=%s max_concurrent=%d", self.id, ",".join(self.services),
+                 self.settings.max_concurrent_jobs)
+
+    def run(self) -> None:
+        """Register, then claim and run jobs until told to stop; hand back what is left; deregister."""
+        for connector in self.connectors.values():
+            connector.start()
+        self._retry_forever(self.register, "register")
+        gevent.signal_handler(signal.SIGTERM, self.terminate)
+        gevent.signal_handler(signal.SIGINT, self.terminate)
+        self._greenlets = [gevent.spawn(self._heartbeat_loop), gevent.spawn(self._listen_loop)]
+        try:
+            while not self.draining:
+                claimed = self._guard(self.run_once, 0)
+                if claimed == 0:
+                    self._wait_for_work()
+            self._drain()
+        finally:
+            for greenlet in self._greenlets:
+                greenlet.kill(block=False)
+            self._guard(lambda: self.scripts.deregister_worker(self.id), 0)
+            for connector in self.connectors.values():
+                connector.stop()
+            self.stopped.set()
+            log.info("worker stopped id=%s", self.id)
+
+    def terminate(self) -> None:
+        """SIGTERM: the first stops claiming and drains; the second hands back running jobs at once."""
+        self._term_count += 1
+        self.draining = True
+        self._wake.set()
+        if self._term_count > 1:
+            log.warning("second stop signal: handing back %d running jobs now", len(self.running))
+            for job in list(self.running.values()):
+                job.context.stop("shutdown")
+
+    def _drain(self) -> None:
+        if self.running:
+            log.info("draining: waiting up to %ds for %d running jobs", self.settings.drain_seconds,
+                     len(self.running))
+        deadline = gevent.get_hub().loop.now() + self.settings.drain_seconds
+        while self.running and gevent.get_hub().loop.now() < deadline:
+            if all(job.context.stop_reason == "shutdown" for job in self.running.values()):
+                break
+            self._wake.clear()
+            self._wake.wait(0.2)
+        for job in list(self.running.values()):
+            job.context.stop("shutdown")
+        for job in list(self.running.values()):
+            if job.greenlet is not None:
+                job.greenlet.join(STOP_GRACE_S + 2)
+
+    # -- claiming -------------------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        return max(0, self.settings.max_concurrent_jobs - len(self.running))
+
+    def run_once(self, now_ms: int | None = None) -> int:
+        """Claim as many jobs as there are free slots and start them; returns how many were claimed."""
+        slots = self.free_slots()
+        if slots == 0 or self.draining or not self.services:
+            return 0
+        result = self.scripts.claim(self.id, self.services, slots, self.settings.queue.lease_ms, now_ms)
+        self._next_due_ms = result.next_due_ms
+        for claimed in result.jobs:
+            self._start(claimed)
+        return len(result.jobs)
+
+    def _wait_for_work(self) -> None:
+        timeout_s = self.settings.poll_interval_ms / 1000
+        if self._next_due_ms is not None:
+            timeout_s = max(0.0, min(timeout_s, (self._next_due_ms - clock.now_ms()) / 1000))
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    # -- running a job --------------------------------------------------------------------------------
+    def _start(self, claimed: Claimed) -> None:
+        fields = claimed.fields
+        context = JobContext(fields, _json_object(fields.get("payload")), _json_object(fields.get("requirements")),
+                             lambda pct, msg, step, total: self._report(claimed, pct, msg, step, total))
+        job = Running(claimed, context)
+        self.running[claimed.id] = job
+        job.greenlet = gevent.spawn(self._execute, job)
+        log.info("job claimed id=%s service=%s priority=%s attempt=%s", claimed.id, context.service,
+                 fields.get("priority"), claimed.attempt)
+
+    def timeout_s(self, fields: dict[str, str]) -> float:
+        value = fields.get("timeout_seconds")
+        return float(value) if value else self.settings.job_timeout_minutes * 60
+
+    def _execute(self, job: Running) -> None:
+        context, claimed = job.context, job.claimed
+        connector = self.by_service[context.service]
+        runner = gevent.spawn(_outcome, connector.run, context)
+        try:
+            gevent.wait([runner, context.stopped], timeout=self.timeout_s(claimed.fields), count=1)
+            if not runner.ready():
+                context.stop("timeout")
+                self._hard_stop(connector, context, runner)
+            self._record(job, runner)
+        finally:
+            self.running.pop(claimed.id, None)
+            self._wake.set()
+
+    def _hard_stop(self, connector: Connector, context: JobContext, runner: gevent.Greenlet) -> None:
+        """Tell the connector to stop the job, then abandon the attempt for real if it does not."""
+        try:
+            connector.cancel(context)
+        except Exception:
+            log.exception("connector cancel failed id=%s", context.id)
+        runner.join(STOP_GRACE_S)
+        if not runner.ready():
+            runner.kill(block=True, timeout=1)
+
+    def _record(self, job: Running, runner: gevent.Greenlet) -> None:
+        context, claimed = job.context, job.claimed
+        job_id, attempt = claimed.id, claimed.attempt
+        reason = context.stop_reason
+        outcome = runner.value if runner.successful() else None
+        finished = isinstance(outcome, Outcome) and outcome.error is None
+        error = outcome.error if isinstance(outcome, Outcome) else None
+        try:
+            if reason == "lost":
+                log.warning("job lost id=%s: another worker holds it now; its outcome is dropped", job_id)
+            elif finished and reason != "cancel":
+                self._persist(lambda: self.scripts.complete(job_id, self.id, attempt, outcome.value))
+                log.info("job completed id=%s", job_id)
+            elif reason == "shutdown":
+                self._persist(lambda: self.scripts.release(job_id, self.id, attempt, "worker shutting down"))
+                log.info("job handed back id=%s", job_id)
+            elif reason == "cancel":
+                self._persist(lambda: self.scripts.fail(job_id, self.id, attempt, "Job cancelled by user",
+                                                        retryable=False, delay_ms=0, final_status="cancelled"))
+                log.info("job cancelled id=%s", job_id)
+            elif reason == "timeout":
+                message = f"Job timed out after {self.timeout_s(claimed.fields):g}s"
+                self._fail(job_id, attempt, message, retryable=True, final_status="timeout", claimed=claimed)
+            elif isinstance(error, ConnectorError):
+                self._fail(job_id, attempt, str(error), retryable=error.retryable, claimed=claimed)
+            else:
+                self._fail(job_id, attempt, f"{type(error).__name__}: {error}", retryable=True, claimed=claimed)
+        except (JobLost, JobNotFound) as exc:
+            log.warning("job outcome refused id=%s: %s", job_id, exc)
+
+    def _fail(self, job_id: str, attempt: str, message: str, *, retryable: bool, claimed: Claimed,
+              final_status: str = "failed") -> None:
+        result = self._persist(lambda: self.scripts.fail(
+            job_id, self.id, attempt, message, retryable=retryable,
+            delay_ms=self.retry_delay_ms(int(claimed.fields.get("retry_count") or 0)), final_status=final_status))
+        if result.retrying:
+            log.warning("job failed, will retry id=%s retry=%d error=%s", job_id, result.retry_count, message)
+        else:
+            log.warning("job ended id=%s status=%s error=%s", job_id, result.status, message)
+
+    def retry_delay_ms(self, retry_count: int) -> int:
+        """Exponential backoff with full jitter between half and all of the step."""
+        q = self.settings.queue
+        step = min(q.retry_max_ms, q.retry_base_ms * (2 ** min(retry_count, 30)))
+        return int(step * random.uniform(0.5, 1.0))
+
+    def _report(self, claimed: Claimed, percent: int, message: str, step: int | str, total: int | str) -> None:
+        job = self.running.get(claimed.id)
+        try:
+            self.scripts.progress(claimed.id, self.id, claimed.attempt, percent, message, step, total)
+        except (JobLost, JobNotFound):
+            if job is not None:
+                job.context.stop("lost")
+        except redis.RedisError as exc:
+            log.warning("progress not recorded id=%s: %s", claimed.id, exc)
+
+    def stop_job(self, job_id: str, reason: str) -> bool:
+        job = self.running.get(job_id)
+        if job is None:
+            return False
+        job.context.stop(reason)
+        return True
+
+    # -- background loops -----------------------------------------------------------------------------
+    def heartbeat(self, now_ms: int | None = None) -> None:
+        """Refresh heartbeat, telemetry and leases; stop jobs whose lease was lost; re-register if unknown."""
+        ms = clock.now_ms() if now_ms is None else now_ms
+        fields = {
+            "telemetry": orjson.dumps(self.sampler.sample()).decode(),
+            "last_heartbeat_ms": str(ms),
+        }
+        lost = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
+                                             fields, now_ms)
+        if lost is None:
+            log.warning("worker record missing (Redis restarted or flushed?): registering again")
+            self.register()
+            return
+        for job_id in lost:
+            self.stop_job(job_id, "lost")
+
+    def beat_interval_s(self) -> float:
+        return min(self.settings.heartbeat_interval_ms, self.settings.queue.lease_ms / 3) / 1000
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            gevent.sleep(self.beat_interval_s())
+            self._guard(self.heartbeat, None)
+
+    def _listen_loop(self) -> None:
+        channels = [self.keys.wake(s) for s in self.services] + [self.keys.cancels]
+        while True:
+            pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*channels)
+                self._wake.set()  # anything submitted while we were not listening
+                for message in pubsub.listen():
+                    if message["channel"] == self.keys.cancels:
+                        self._on_cancel(message["data"])
+                    else:
+                        self._wake.set()
+            except redis.RedisError as exc:
+                log.warning("wake-up listener lost Redis (%s); retrying in 1s", exc)
+                gevent.sleep(1)
+            finally:
+                pubsub.close()
+
+    def _on_cancel(self, data: str) -> None:
+        try:
+            command = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if command.get("worker_id") == self.id and self.stop_job(str(command.get("job_id")), "cancel"):
+            log.info("cancel requested id=%s", command.get("job_id"))
+
+    # -- Redis outages --------------------------------------------------------------------------------
+    def _guard(self, fn: Callable[[], T], default: T) -> T:
+        """Run fn; on a Redis error log it, back off briefly and return `default` (loops go on)."""
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            log.warning("Redis unavailable (%s): retrying", exc)
+            gevent.sleep(0.5)
+            return default
+
+    def _persist(self, fn: Callable[[], T]) -> T:
+        """Run a write that must not be lost (a job's outcome), retrying until Redis takes it."""
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except redis.RedisError as exc:
+                log.warning("Redis unavailable (%s): holding the outcome, retrying in %.1fs", exc, delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _retry_forever(self, fn: Callable[[], None], what: str) -> None:
+        delay = 0.2
+        while True:
+            try:
+                fn()
+                return
+            except redis.RedisError as exc:
+                log.warning("cannot %s, Redis unavailable (%s): retrying in %.1fs", what, exc, delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a connector's run ended: a value, or the exception it raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+def _outcome(fn: Callable[[JobContext], Any], context: JobContext) -> Outcome:
+    try:
+        return Outcome(value=fn(context))
+    except Exception as exc:  # the connector's failure becomes the job's, never the worker's
+        if not isinstance(exc, (ConnectorError, JobStopped)):
+            log.exception("connector raised id=%s", context.id)
+        return Outcome(error=exc)
+
+
+def _json_object(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}

@@ -1,0 +1,84 @@
+"""The simulation connector: pretends to run a GPU job in steps, reporting progress at each one.
+
+Settings (the original's): WORKER_SIMULATION_PROCESSING_TIME (seconds, default 5),
+WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, default 0).
+Per-job overrides in the payload: `duration` (ms, as the guide's curl sends) or `simulation_time`
+(seconds, as the monitor sends), `steps`, `fail` (true: every attempt fails; a number n: the first n
+attempts fail), `fail_retryable` (false: the failure is final).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from appliance.connector import Connector, ConnectorError, JobContext
+from appliance.settings import Env
+
+MODELS = ["simulation-model-v1", "simulation-model-v2", "test-model"]
+
+
+class SimulationConnector(Connector):
+    name = "simulation"
+
+    def __init__(self, env: Mapping[str, str]):
+        super().__init__(env)
+        e = Env(env)
+        self.processing_time_s = e.float("WORKER_SIMULATION_PROCESSING_TIME", 5.0, 0, 86400)
+        self.steps = e.int("WORKER_SIMULATION_STEPS", 10, 0, 100_000)
+        self.failure_rate = e.float("WORKER_SIMULATION_FAILURE_RATE", 0.0, 0, 1)
+
+    def models(self) -> list[str]:
+        return list(MODELS)
+
+    def _plan(self, payload: dict[str, Any]) -> tuple[float, int]:
+        duration_s = self.processing_time_s
+        if _number(payload.get("duration")) is not None:
+            duration_s = float(payload["duration"]) / 1000
+        elif _number(payload.get("simulation_time")) is not None:
+            duration_s = float(payload["simulation_time"])
+        steps = self.steps
+        if _number(payload.get("steps")) is not None:
+            steps = int(payload["steps"])
+        return max(0.0, min(duration_s, 86400.0)), max(0, min(steps, 100_000))
+
+    def run(self, job: JobContext) -> Any:
+        duration_s, steps = self._plan(job.payload)
+        self._maybe_fail(job)
+        started = time.monotonic()
+        job.progress(0, "Starting simulation", 0, steps)
+        for step in range(1, steps + 1):
+            job.sleep(duration_s / steps)
+            job.progress(step * 100 / steps, f"Processing step {step}/{steps}", step, steps)
+        if steps == 0 and duration_s:
+            job.sleep(duration_s)
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        return {
+            "message": "Simulation completed",
+            "steps_completed": steps,
+            "processing_time_ms": elapsed_ms,
+            "job_payload": job.payload,
+            "simulation_id": f"sim_{int(time.time() * 1000)}",
+            "results": {"iterations": steps, "final_value": round(random.uniform(0, 100), 3),
+                        "convergence": True},
+            "service_metadata": {"model_used": "simulation-model-v1",
+                                 "processing_stats": {"total_steps": steps,
+                                                      "step_duration_ms": round(duration_s * 1000 / max(steps, 1))}},
+        }
+
+    def _maybe_fail(self, job: JobContext) -> None:
+        fail = job.payload.get("fail")
+        retryable = job.payload.get("fail_retryable", True) is not False
+        attempt = int(job.attempt)
+        if fail is True or (_number(fail) is not None and attempt <= int(fail)):
+            raise ConnectorError(f"Simulated failure on attempt {attempt}", retryable=retryable)
+        if self.failure_rate and random.random() < self.failure_rate:
+            raise ConnectorError("Simulated random failure (WORKER_SIMULATION_FAILURE_RATE)")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
