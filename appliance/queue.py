@@ -28,7 +28,7 @@ class Queue:
 
     def submit(self, spec: JobSpec, now_ms: int | None = None) -> str:
         """Store a checked job and put it in line; returns its id."""
-        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), now_ms)
+        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), now_ms=now_ms)
         return spec.id
 
     def get(self, job_id: str) -> dict[str, Any] | None:

@@ -81,24 +81,27 @@ class Scripts:
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
-               now_ms: int | None = None) -> int:
-        """Create a pending job; returns its sequence number. Raises JobExists."""
+               queue: str | None = None, now_ms: int | None = None) -> int:
+        """Create a pending job in `queue` (default: its service's queue); returns its sequence number.
+
+        Raises:
+            JobExists: a job with this id exists.
+        """
         k = self.keys
         flat = [item for pair in fields.items() for item in pair]
         reply = self._call("submit_job",
-                           [k.job(job_id), k.pending_service(service), k.seq, k.index_service(service),
+                           [k.job(job_id), queue or k.pending_service(service), k.seq, k.index_service(service),
                             k.services],
                            [job_id, service, priority, *flat], now_ms)
         if reply[0] == "exists":
             raise JobExists(job_id)
         return int(reply[1])
 
-    def claim(self, worker_id: str, services: tuple[str, ...], count: int, lease_ms: int,
+    def claim(self, worker_id: str, queues: list[str], count: int, lease_ms: int,
               now_ms: int | None = None) -> ClaimResult:
+        """Take up to `count` of the best jobs across `queues` (claim queue keys the worker can serve)."""
         k = self.keys
-        reply = self._call("claim_job",
-                           [k.worker_jobs(worker_id), k.worker(worker_id),
-                            *(k.pending_service(s) for s in services)],
+        reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), *queues],
                            [worker_id, count, lease_ms], now_ms)
         jobs = [Claimed(dict(zip(flat[::2], flat[1::2]))) for flat in reply[1:]]
         next_due = int(reply[0])

@@ -162,11 +162,15 @@ class Worker:
         slots = self.free_slots()
         if slots == 0 or self.draining or not self.services:
             return 0
-        result = self.scripts.claim(self.id, self.services, slots, self.settings.queue.lease_ms, now_ms)
+        result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms)
         self._next_due_ms = result.next_due_ms
         for claimed in result.jobs:
             self._start(claimed)
         return len(result.jobs)
+
+    def claim_queues(self) -> list[str]:
+        """The claim queues this worker can serve: one per service."""
+        return [self.keys.pending_service(s) for s in self.services]
 
     def _wait_for_work(self) -> None:
         timeout_s = self.settings.poll_interval_ms / 1000

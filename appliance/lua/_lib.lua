@@ -9,7 +9,7 @@
 -- KEYS[6] events               stream appliance-wide events (for monitors)
 -- KEYS[7] jobs:stats           hash  life-time counters
 -- ARGV[1] prefix of job hashes ("job:")            ARGV[2] prefix of progress streams ("progress:")
--- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service pending zsets
+-- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service claim queues
 -- ARGV[5] prefix of per-service wake channels      ARGV[6] progress stream MAXLEN (approximate)
 -- ARGV[7] events stream MAXLEN (approximate)       ARGV[8] now (epoch ms)   ARGV[9] now (ISO 8601)
 -- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
@@ -42,17 +42,18 @@ local function set_status(job_id, old, new, seq)
   redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO)
 end
 
--- Put a job (back) in line at its own score: its priority and original place.
-local function enqueue(job_id, service, score)
+-- Put a job (back) in line at its own score (its priority and original place), in the global view and in
+-- its claim queue (the job's `queue` field: jobs:pending:{service}, or a queue for one requirement class).
+local function enqueue(job_id, service, queue, score)
   redis.call('ZADD', K_PENDING, score, job_id)
-  redis.call('ZADD', P_PENDING_SVC .. service, score, job_id)
+  redis.call('ZADD', queue, score, job_id)
   redis.call('PUBLISH', P_WAKE .. service, job_id)
 end
 
 -- Take a job out of every waiting line.
-local function dequeue(job_id, service)
+local function dequeue(job_id, queue)
   redis.call('ZREM', K_PENDING, job_id)
-  redis.call('ZREM', P_PENDING_SVC .. service, job_id)
+  redis.call('ZREM', queue, job_id)
   redis.call('ZREM', K_DELAYED, job_id)
 end
 
@@ -82,11 +83,12 @@ end
 -- under `attempt`; otherwise nil and why ("not_found", or "lost": the job moved on without this worker).
 local function held(job_id, worker_id, attempt)
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'seq',
-    'service_required', 'score', 'retry_count', 'max_retries', 'started_at')
+    'service_required', 'score', 'retry_count', 'max_retries', 'started_at', 'queue')
   if not job[1] then return nil, 'not_found' end
   if not ACTIVE[job[1]] or job[2] ~= worker_id or job[3] ~= attempt then return nil, 'lost' end
   return { status = job[1], seq = job[4], service = job[5], score = job[6],
-    retry_count = tonumber(job[7]) or 0, max_retries = tonumber(job[8]) or 0, started_at = job[9] }
+    retry_count = tonumber(job[7]) or 0, max_retries = tonumber(job[8]) or 0, started_at = job[9],
+    queue = job[10] }
 end
 
 -- Add one to a counter on a worker's hash, if the worker is still registered.

@@ -5,8 +5,8 @@
 -- Returns {"cancelled"} | {"cancelling", worker_id} | {"finished", status} | {"not_found"}.
 local job_key, job_id, ttl_s = KEYS[FIRST_KEY], ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1])
 local cancel_channel, reason = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3]
-local job = redis.call('HMGET', job_key, 'status', 'seq', 'service_required', 'worker_id')
-local status, seq, service, worker_id = job[1], job[2], job[3], job[4]
+local job = redis.call('HMGET', job_key, 'status', 'seq', 'service_required', 'worker_id', 'queue')
+local status, seq, service, worker_id, queue = job[1], job[2], job[3], job[4], job[5]
 if not status then return { 'not_found' } end
 if TERMINAL[status] then return { 'finished', status } end
 if ACTIVE[status] then
@@ -14,7 +14,7 @@ if ACTIVE[status] then
   redis.call('PUBLISH', cancel_channel, cjson.encode({ job_id = job_id, worker_id = worker_id }))
   return { 'cancelling', worker_id }
 end
-dequeue(job_id, service)
+dequeue(job_id, queue)
 set_status(job_id, status, 'cancelled', seq)
 redis.call('HSET', job_key, 'error', reason, 'cancelled_at', NOW_ISO)
 emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'error', reason, 'message', reason })

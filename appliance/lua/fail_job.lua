@@ -29,7 +29,7 @@ if retryable and job.retry_count < job.max_retries then
   if delay_ms > 0 then
     redis.call('ZADD', K_DELAYED, due, job_id)
   else
-    enqueue(job_id, job.service, job.score)
+    enqueue(job_id, job.service, job.queue, job.score)
   end
   return { 'retrying', retries, due }
 end

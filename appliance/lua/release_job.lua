@@ -16,5 +16,5 @@ set_status(job_id, job.status, 'pending', job.seq)
 redis.call('HSET', P_JOB .. job_id, 'worker_id', '', 'progress', 0)
 emit(job_id, { 'event', 'requeued', 'status', 'pending', 'worker_id', worker_id, 'message', reason,
   'progress', 0 })
-enqueue(job_id, job.service, job.score)
+enqueue(job_id, job.service, job.queue, job.score)
 return { 'ok' }

@@ -1,6 +1,6 @@
 -- submit_job: create a job and put it in line.
 -- KEYS[8]  job:{id}                   hash, must not exist
--- KEYS[9]  jobs:pending:{service}     zset
+-- KEYS[9]  the job's claim queue      zset: jobs:pending:{service}, or one per requirement class
 -- KEYS[10] jobs:seq                   counter
 -- KEYS[11] jobs:index:service:{svc}   zset
 -- KEYS[12] jobs:services              set of every service ever submitted
@@ -19,7 +19,7 @@ local fields = {}
 for i = FIRST_ARG + 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', job_key, 'id', job_id, 'service_required', service, 'priority', priority,
   'seq', seq, 'score', score, 'created_at', NOW_ISO, 'created_ms', NOW_MS, 'retry_count', 0,
-  'attempt', 0, 'progress', 0, unpack(fields))
+  'attempt', 0, 'progress', 0, 'queue', KEYS[FIRST_KEY + 1], unpack(fields))
 set_status(job_id, nil, 'pending', seq)
 redis.call('ZADD', K_INDEX_ALL, seq, job_id)
 redis.call('ZADD', KEYS[FIRST_KEY + 3], seq, job_id)
@@ -27,5 +27,5 @@ redis.call('SADD', KEYS[FIRST_KEY + 4], service)
 redis.call('HINCRBY', K_STATS, 'submitted', 1)
 emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
   'priority', priority, 'progress', 0 })
-enqueue(job_id, service, score)
+enqueue(job_id, service, KEYS[FIRST_KEY + 1], score)
 return { 'ok', seq }
