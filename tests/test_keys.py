@@ -1,0 +1,93 @@
+"""Pins every key and channel name in appliance/keys.py, with and without a prefix.
+
+The names are a contract with the guide's `redis-cli` checks and with existing clients: a change here must be
+deliberate, so each exact string is spelled out.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from appliance.keys import Keys
+
+EXPECTED = {
+    "job": ("job:abc", ("abc",)),
+    "job_prefix": ("job:", None),
+    "progress": ("progress:abc", ("abc",)),
+    "progress_prefix": ("progress:", None),
+    "pending": ("jobs:pending", None),
+    "pending_service": ("jobs:pending:simulation", ("simulation",)),
+    "pending_service_prefix": ("jobs:pending:", None),
+    "delayed": ("jobs:delayed", None),
+    "leases": ("jobs:leases", None),
+    "seq": ("jobs:seq", None),
+    "index_all": ("jobs:index:all", None),
+    "index_status": ("jobs:index:status:completed", ("completed",)),
+    "index_status_prefix": ("jobs:index:status:", None),
+    "index_service": ("jobs:index:service:simulation", ("simulation",)),
+    "index_service_prefix": ("jobs:index:service:", None),
+    "expiry": ("jobs:expiry", None),
+    "services": ("jobs:services", None),
+    "cancels": ("jobs:cancel", None),
+    "scratch": ("jobs:scratch:tok", ("tok",)),
+    "stats": ("jobs:stats", None),
+    "wake": ("jobs:wake:simulation", ("simulation",)),
+    "wake_prefix": ("jobs:wake:", None),
+    "worker": ("worker:worker1-direct", ("worker1-direct",)),
+    "worker_prefix": ("worker:", None),
+    "worker_heartbeat": ("worker:worker1-direct:heartbeat", ("worker1-direct",)),
+    "worker_jobs": ("worker:worker1-direct:jobs", ("worker1-direct",)),
+    "workers_active": ("workers:active", None),
+    "events": ("events", None),
+}
+
+
+def _value(keys: Keys, name: str, args: tuple[str, ...] | None) -> str:
+    attr = getattr(keys, name)
+    return attr(*args) if args is not None else attr
+
+
+def _public_names() -> set[str]:
+    return {name for name, _ in inspect.getmembers(Keys) if not name.startswith("_") and name != "prefix"}
+
+
+def test_every_name_is_pinned() -> None:
+    """A key added to keys.py must be added here too (and so be reviewed as a contract)."""
+    assert _public_names() == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_exact_name_without_prefix(name: str) -> None:
+    expected, args = EXPECTED[name]
+    assert _value(Keys(), name, args) == expected
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_exact_name_with_prefix(name: str) -> None:
+    expected, args = EXPECTED[name]
+    assert _value(Keys("app1:"), name, args) == "app1:" + expected
+
+
+def test_guide_names_unchanged() -> None:
+    """The names the guide's redis-cli commands use, spelled as the guide spells them."""
+    k = Keys()
+    assert k.pending == "jobs:pending"
+    assert k.workers_active == "workers:active"
+    assert k.worker_heartbeat("worker1") == "worker:worker1:heartbeat"
+    assert k.worker("worker1") == "worker:worker1"
+    assert k.job("j1") == "job:j1"
+    assert k.progress("j1") == "progress:j1"
+
+
+def test_prefixes_agree_with_builders() -> None:
+    """Lua builds run-time keys from the prefixes; they must match what the builders spell."""
+    for k in (Keys(), Keys("p:")):
+        assert k.job_prefix + "x" == k.job("x")
+        assert k.progress_prefix + "x" == k.progress("x")
+        assert k.pending_service_prefix + "s" == k.pending_service("s")
+        assert k.index_status_prefix + "pending" == k.index_status("pending")
+        assert k.index_service_prefix + "s" == k.index_service("s")
+        assert k.wake_prefix + "s" == k.wake("s")
+        assert k.worker_prefix + "w" == k.worker("w")
