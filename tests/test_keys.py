@@ -41,6 +41,13 @@ EXPECTED = {
     "worker_jobs": ("worker:worker1-direct:jobs", ("worker1-direct",)),
     "workers_active": ("workers:active", None),
     "events": ("events", None),
+    "pending_class": ("jobs:pending:comfyui:req:ab12", ("comfyui", "ab12")),
+    "requirement_class": ("jobs:class:ab12", ("ab12",)),
+    "requirement_classes": ("jobs:classes:comfyui", ("comfyui",)),
+    "classes_version": ("jobs:classes:version", None),
+    "unworkable_class": ("jobs:unworkable:ab12", ("ab12",)),
+    "fanout_wake": ("api:host:1:wake", ("host:1",)),
+    "api_connections": ("api:connections", None),
 }
 
 
@@ -50,7 +57,17 @@ def _value(keys: Keys, name: str, args: tuple[str, ...] | None) -> str:
 
 
 def _public_names() -> set[str]:
-    return {name for name, _ in inspect.getmembers(Keys) if not name.startswith("_") and name != "prefix"}
+    return {name for name, _ in inspect.getmembers(Keys)
+            if not name.startswith("_") and name != "prefix" and not name.isupper()}
+
+
+def test_suffix_constants() -> None:
+    """Suffixes Lua appends to worker:{id} (passed through ARGV) spell the same names as the builders."""
+    constants = {name: value for name, value in inspect.getmembers(Keys) if name.isupper()}
+    assert constants == {"WORKER_JOBS_SUFFIX": ":jobs", "WORKER_HEARTBEAT_SUFFIX": ":heartbeat"}
+    for k in (Keys(), Keys("p:")):
+        assert k.worker("w") + Keys.WORKER_JOBS_SUFFIX == k.worker_jobs("w")
+        assert k.worker("w") + Keys.WORKER_HEARTBEAT_SUFFIX == k.worker_heartbeat("w")
 
 
 def test_every_name_is_pinned() -> None:
