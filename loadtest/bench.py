@@ -1,0 +1,170 @@
+"""`bin/bench`: the appliance's benchmark, printed as figures beside their goals (nothing is asserted).
+
+Cases, in one run on this machine: (1) end-to-end throughput of no-op jobs with the two default workers,
+beside RQ's SimpleWorker (two workers, its own venv and redis-server, same Redis configuration);
+(2) submit-to-claim latency for an idle worker; (3) claim cost with 100,000 pending jobs of another service
+in front; (4) SSE/WebSocket progress fan-out, when the API serves them (loadtest.bench_fanout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.queue import Queue
+from appliance.redis_conn import connect
+from appliance.settings import QueueSettings
+from loadtest import bench_cases
+from loadtest.bench_cases import say
+from loadtest.private import HOME, PrivateAppliance, stamp
+
+GOAL_RATIO = 7.0
+GOAL_P50_MS, GOAL_P99_MS = 1.5, 5.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bin/bench", description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=20000, help="no-op jobs for the appliance's throughput (20000)")
+    p.add_argument("--rq-jobs", type=int, default=4000, help="no-op jobs for RQ's throughput (4000)")
+    p.add_argument("--samples", type=int, default=1000, help="submit-to-claim samples (1000)")
+    p.add_argument("--in-front", type=int, default=100_000, help="pending jobs of another service (100000)")
+    p.add_argument("--concurrency", type=int, default=32, help="WORKER_MAX_CONCURRENT_JOBS of the two workers")
+    p.add_argument("--log-level", default="warning",
+                   help="LOG_LEVEL of the appliance's workers (default warning; RQ runs with -q alike? see notes)")
+    p.add_argument("--fanout", type=int, default=1000, help="SSE/WebSocket subscribers for the fan-out case")
+    p.add_argument("--skip", action="append", default=[], choices=["rq", "throughput", "latency", "claim", "fanout"],
+                   help="leave a case out (repeatable)")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default var/bench/<time>)")
+    return p.parse_args(argv)
+
+
+def row(case: str, figure: str, goal: str = "", verdict: str = "") -> str:
+    return f"{case:<44} {figure:<34} {goal:<26} {verdict}"
+
+
+def fmt(summary: dict[str, float], unit: str, digits: int = 2) -> str:
+    return " / ".join(f"{summary[k]:.{digits}f}" for k in ("p50", "p95", "p99")) + f" {unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = (args.run_dir or HOME / "var" / "bench" / stamp()).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "loadavg_at_start": os.getloadavg(), "cpus": os.cpu_count()}
+    lines: list[str] = []
+    say(f"run folder {work}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+        "(other processes on this machine make every figure noisy)")
+
+    if "rq" not in args.skip and "throughput" not in args.skip:
+        from loadtest.bench_rq import run_rq
+
+        say("case 1b: RQ SimpleWorker throughput (two workers)")
+        try:
+            results["rq"] = run_rq(work, HOME / "var" / "bench" / "rq-venv", args.rq_jobs, 2)
+            say(f"  RQ: {results['rq']['jobs_per_s']:.0f} jobs/s")
+        except Exception as exc:  # RQ is a comparison, not the subject: report and go on
+            results["rq_error"] = str(exc)
+            say(f"  RQ side failed: {exc}")
+
+    env = {"WORKER_CONNECTORS": "noop", "WORKER_SERVICES": "noop",
+           "WORKER_MAX_CONCURRENT_JOBS": str(args.concurrency), "LOG_LEVEL": args.log_level}
+    appliance = PrivateAppliance(work / "appliance", workers=2, env=env, quiet=True)
+    say(f"starting a private appliance (2 noop workers, {args.concurrency} jobs each, LOG_LEVEL "
+        f"{args.log_level}) in {appliance.run_dir}")
+    appliance.start()
+    try:
+        queue = Queue(connect(appliance.redis_url), QueueSettings(redis_url=appliance.redis_url))
+        if "throughput" not in args.skip:
+            say(f"case 1a: appliance throughput, {args.jobs} no-op jobs, two workers")
+            results["throughput"] = bench_cases.throughput(queue, args.jobs)
+            say(f"  appliance: {results['throughput']['jobs_per_s']:.0f} jobs/s")
+        if "latency" not in args.skip:
+            say(f"case 2: submit-to-claim for an idle worker, {args.samples} jobs one at a time")
+            results["latency"] = bench_cases.submit_to_claim(queue, args.samples)
+        if "fanout" not in args.skip:
+            results["fanout"] = run_fanout(appliance, queue, args.fanout)
+        if "claim" not in args.skip:
+            say(f"case 3: claim cost, alone and behind {args.in_front} pending jobs of another service")
+            results["claim"] = bench_cases.claim_cost(queue, args.in_front)
+    finally:
+        say("stopping the private appliance")
+        appliance.stop()
+
+    results["loadavg_at_end"] = os.getloadavg()
+    lines.append(row("case", "figure", "goal", "verdict"))
+    lines.append("-" * 112)
+    ours, rq = results.get("throughput"), results.get("rq")
+    if ours:
+        lines.append(row("1 throughput, appliance (2 workers, noop)", f"{ours['jobs_per_s']:,.0f} jobs/s",
+                         f">= {GOAL_RATIO:g}x RQ"))
+    if rq:
+        lines.append(row("1 throughput, RQ SimpleWorker (2 workers)", f"{rq['jobs_per_s']:,.0f} jobs/s"))
+    if ours and rq:
+        ratio = ours["jobs_per_s"] / rq["jobs_per_s"]
+        results["ratio"] = ratio
+        lines.append(row("1 throughput ratio", f"{ratio:.1f}x", f">= {GOAL_RATIO:g}x",
+                         "met" if ratio >= GOAL_RATIO else "MISSED"))
+    elif ours:
+        lines.append(row("1 throughput ratio", "n/a", "", f"RQ: {results.get('rq_error', 'skipped')}"))
+    lat = results.get("latency")
+    if lat:
+        obs = lat["observed_ms"]
+        met = obs["p50"] <= GOAL_P50_MS and obs["p99"] <= GOAL_P99_MS
+        lines.append(row("2 submit-to-claim p50/p95/p99 (observed)", fmt(obs, "ms"),
+                         f"p50<={GOAL_P50_MS:g}, p99<={GOAL_P99_MS:g} ms", "met" if met else "MISSED"))
+        lines.append(row("  same, script clocks (1 ms resolution)", fmt(lat["recorded_ms"], "ms", 1)))
+    claim = results.get("claim")
+    if claim:
+        lines.append(row("3 claim, nothing else pending p50/p95/p99", fmt(claim["alone_us"], "us", 0)))
+        lines.append(row(f"3 claim, {claim['in_front']:,} other jobs in front", fmt(claim["behind_us"], "us", 0),
+                         "same as alone (no scan)", "met" if claim["ratio_p50"] <= 1.5 else "MISSED"))
+    fan = results.get("fanout")
+    if fan is not None:
+        lines.extend(fanout_rows(fan))
+    table = "\n".join(lines)
+    print(table, flush=True)
+    note = (f"load average {results['loadavg_at_start'][0]:.2f} at start, {results['loadavg_at_end'][0]:.2f} at "
+            f"end on {results['cpus']} CPUs shared with other work: figures are noisy")
+    print(note)
+    (work / "bench.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (work / "bench.txt").write_text(table + "\n" + note + "\n")
+    say(f"figures saved in {work / 'bench.json'} and {work / 'bench.txt'}")
+    return 0
+
+
+def run_fanout(appliance: PrivateAppliance, queue: Queue, subscribers: int) -> dict[str, Any]:
+    """Case 4, only where the API serves SSE progress and WebSocket subscriptions."""
+    try:
+        from loadtest import bench_fanout
+    except ImportError:
+        return {"skipped": "loadtest.bench_fanout is not there"}
+    return bench_fanout.run(appliance, queue, subscribers)
+
+
+def fanout_rows(fan: dict[str, Any]) -> list[str]:
+    if "skipped" in fan:
+        return [row("4 SSE/WebSocket fan-out", "not measured", "", fan["skipped"])]
+    rows = []
+    for kind in ("sse", "ws"):
+        if kind in fan:
+            f = fan[kind]
+            rows.append(row(f"4 fan-out {kind.upper()}, {f['subscribers']} subscribers",
+                            fmt(f["latency_ms"], "ms", 1), "", f"delivered {f['delivered']}/{f['expected']}"))
+    return rows
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

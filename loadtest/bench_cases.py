@@ -1,0 +1,169 @@
+"""The benchmark's cases against a running appliance's Redis: throughput, submit-to-claim, claim cost.
+
+Each case returns plain figures; `loadtest.bench` prints them beside their goals. Nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from appliance.jobs import JobSpec
+from appliance.queue import Queue
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def iso_ms(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000
+
+
+def submit_many(queue: Queue, specs: Sequence[JobSpec], threads: int = 1,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Submit each job with `Queue.submit` (one script call, one round trip each), from `threads` threads.
+
+    `Queue.submit` reads the script's reply, so it cannot ride in a pipeline; RQ's side enqueues the same way,
+    one `Queue.enqueue` call per job.
+    """
+    if threads <= 1:
+        for n, spec in enumerate(specs, 1):
+            queue.submit(spec)
+            if progress and n % 1000 == 0:
+                progress(n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [specs[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda chunk: submit_many(queue, chunk, 1, progress), chunks):
+            pass
+
+
+def _completed(queue: Queue) -> int:
+    return int(queue.client.hget(queue.keys.stats, "completed") or 0)
+
+
+def throughput(queue: Queue, jobs: int, service: str = "noop", timeout_s: float = 600) -> dict[str, Any]:
+    """Submit `jobs` no-op jobs in pipelined batches; time until the workers have completed all of them."""
+    warm = min(200, jobs)
+    base = _completed(queue)
+    submit_many(queue, [JobSpec(service, priority=50) for _ in range(warm)])  # connections, scripts
+    _wait_completed(queue, base + warm, timeout_s)
+    base = _completed(queue)
+    specs = [JobSpec(service, priority=50, payload={"n": n}) for n in range(jobs)]
+    started = time.perf_counter()
+    submit_many(queue, specs)
+    enqueue_s = time.perf_counter() - started
+    _wait_completed(queue, base + jobs, timeout_s, started, jobs)
+    total_s = time.perf_counter() - started
+    return {"jobs": jobs, "enqueue_s": enqueue_s, "total_s": total_s, "jobs_per_s": jobs / total_s}
+
+
+def _wait_completed(queue: Queue, target: int, timeout_s: float, started: float = 0.0, jobs: int = 0) -> None:
+    """Poll the life-time `completed` counter until it reaches `target`, noting progress every 2 s."""
+    deadline = time.monotonic() + timeout_s
+    last_note = time.monotonic()
+    while _completed(queue) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers did not finish within {timeout_s:.0f}s; see the worker logs")
+        if jobs and time.monotonic() - last_note > 2:
+            done = _completed(queue) - (target - jobs)
+            say(f"  {done}/{jobs} completed after {time.perf_counter() - started:.1f}s")
+            last_note = time.monotonic()
+        time.sleep(0.002)
+
+
+def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: float = 0.01) -> dict[str, Any]:
+    """One job at a time into an idle worker: from the submit call to the claim.
+
+    `observed_ms`: from just before the submit call until this client reads the job's `assigned` entry with
+    XREAD BLOCK on its progress stream (sent right after submit returns): an upper bound that includes one
+    delivery to this client. `recorded_ms`: the claim script's clock minus the submit script's (both in
+    whole milliseconds on this host's clock), read from the job's stream entries.
+    """
+    client = queue.client
+    observed: list[float] = []
+    recorded: list[float] = []
+    for n in range(samples + 20):
+        time.sleep(gap_s)  # the worker is idle again: its last job finished long ago
+        spec = JobSpec(service, priority=50)
+        stream = queue.keys.progress(spec.id)
+        started = time.perf_counter()
+        queue.submit(spec)
+        last_id, assigned = "0", None
+        while assigned is None:
+            reply = client.xread({stream: last_id}, count=10, block=2000)
+            if not reply:
+                raise RuntimeError(f"job {spec.id} was not claimed within 2 s; are the noop workers up?")
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id
+                if fields.get("event") == "submitted":
+                    submitted_ms = iso_ms(fields["updated_at"])
+                if fields.get("event") == "assigned":
+                    assigned = fields
+        seen = time.perf_counter()
+        if n >= 20:  # the first ones warm up connections and scripts
+            observed.append((seen - started) * 1000)
+            recorded.append(iso_ms(assigned["updated_at"]) - submitted_ms)
+    return {"samples": samples, "observed_ms": _summary(observed), "recorded_ms": _summary(recorded)}
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
+            "max": max(values) if values else float("nan"), "mean": statistics.fmean(values) if values else 0.0}
+
+
+def claim_cost(queue: Queue, in_front: int, claims: int = 2000) -> dict[str, Any]:
+    """Time single-job claims of one service, first alone, then with `in_front` pending jobs of another
+    service at a higher priority (a claimer that no worker competes with: services bench-mine/-other)."""
+    mine, other = "bench-mine", "bench-other"
+    keys = [queue.keys.pending_service(mine)]
+    scripts = queue.scripts
+
+    def measure(label: str) -> list[float]:
+        submit_many(queue, [JobSpec(mine, priority=10) for _ in range(claims)])
+        times = []
+        for _ in range(claims):
+            started = time.perf_counter()
+            result = scripts.claim("bench-claimer", keys, 1, 600_000)
+            times.append((time.perf_counter() - started) * 1e6)
+            if not result.jobs:
+                raise RuntimeError(f"claim cost ({label}): the claim found no job")
+        return times
+
+    measure("warm-up")
+    alone = measure("alone")
+    say(f"  filling {in_front} pending jobs of service {other} in front (priority 1000000)")
+    last = [0.0]
+
+    def note(done: int) -> None:
+        if time.monotonic() - last[0] > 2:
+            say(f"  {done}/{in_front} submitted")
+            last[0] = time.monotonic()
+
+    submit_many(queue, [JobSpec(other, priority=1_000_000) for _ in range(in_front)], threads=4, progress=note)
+    depth = int(queue.client.zcard(queue.keys.pending_service(other)))
+    behind = measure("behind")
+    return {"claims": claims, "in_front": depth, "alone_us": _summary(alone), "behind_us": _summary(behind),
+            "ratio_p50": percentile(behind, 50) / percentile(alone, 50)}
+
+
+def redis_info(client: redis.Redis) -> dict[str, Any]:
+    info = client.info("server")
+    return {"version": info.get("redis_version"), "port": info.get("tcp_port")}

@@ -1,0 +1,115 @@
+"""A private appliance for drills and benchmarks: its own run folder, Redis port and API port.
+
+It is started and stopped with `bin/appliance` exactly as an operator would, so a drill exercises the real
+supervisord, gunicorn and worker programs. Used by `bin/bench`, `bin/loadtest` and tests/loadtest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+HOME = Path(__file__).resolve().parent.parent
+_CLEARED = ("WORKER_", "API_", "REDIS", "HUB_", "APPLIANCE_", "JOB_", "PROGRESS_", "EVENTS_")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def supervisor_rpc(socket_path: Path) -> Any:
+    """supervisord's XML-RPC interface over its unix socket (`getAllProcessInfo`, `stopProcess`, ...)."""
+    transport = SupervisorTransport(None, None, f"unix://{socket_path}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+class PrivateAppliance:
+    """One appliance (embedded Redis, API, `workers` worker programs) in `run_dir`, on free ports."""
+
+    def __init__(self, run_dir: Path, workers: int = 2, env: Mapping[str, str] | None = None,
+                 quiet: bool = False):
+        self.run_dir = run_dir.resolve()
+        self.workers = workers
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        while self.api_port == self.redis_port:
+            self.api_port = free_port()
+        self.extra = dict(env or {})
+        self.quiet = quiet
+        self.started = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
+        env.update({
+            "APPLIANCE_RUN_DIR": str(self.run_dir), "REDIS_URL": self.redis_url, "HUB_REDIS_URL": self.redis_url,
+            "API_PORT": str(self.api_port), "API_BIND": "127.0.0.1", "WORKER_COUNT": str(self.workers),
+            "APPLIANCE_ENV_FILE": str(self.run_dir / "none.env"),
+        })
+        env.update(self.extra)
+        return env
+
+    def _cli(self, command: str) -> None:
+        out = subprocess.DEVNULL if self.quiet else None
+        proc = subprocess.run([str(HOME / "bin" / "appliance"), command], env=self.environment(), stdout=out,
+                              stderr=subprocess.PIPE, text=True)
+        if not self.quiet and proc.stderr:
+            sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bin/appliance {command} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+    def start(self) -> PrivateAppliance:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started = True
+        self._cli("start")
+        return self
+
+    def stop(self, keep_data: bool = False) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._cli("stop")
+        if not keep_data:
+            shutil.rmtree(self.run_dir / "redis", ignore_errors=True)
+
+    def rpc(self) -> Any:
+        return supervisor_rpc(self.socket)
+
+    def worker_pids(self) -> dict[str, int]:
+        """Running worker programs and their pids, e.g. {"workers:worker1": 1234}."""
+        return {f"{i['group']}:{i['name']}": int(i["pid"]) for i in self.rpc().getAllProcessInfo()
+                if i["group"] == "workers" and i["pid"]}
+
+    def __enter__(self) -> PrivateAppliance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
