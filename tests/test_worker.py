@@ -1,0 +1,293 @@
+"""The worker driven in-process under gevent with run_once(now_ms), and as a real process for its lifecycle."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import orjson
+import pytest
+import redis
+
+from appliance import clock
+from appliance.connector import Connector, JobContext
+from appliance.jobs import JobSpec
+from appliance.queue import Queue
+from appliance.settings import QueueSettings, WorkerSettings
+from appliance.worker import Worker
+from conftest import ROOT
+from connectors.simulation import SimulationConnector
+
+SIM_ENV = {"WORKER_SIMULATION_PROCESSING_TIME": "0.05", "WORKER_SIMULATION_STEPS": "2"}
+
+
+class BrokenConnector(Connector):
+    """Fails in the ways a real connector can: raising, or returning something that is not JSON."""
+
+    name = "broken"
+
+    def run(self, job: JobContext) -> Any:
+        if job.payload.get("mode") == "unserialisable":
+            return {"value": object()}
+        raise RuntimeError("the backend exploded")
+
+
+def make_worker(client: redis.Redis, settings: QueueSettings, *, max_concurrent: int = 1,
+                worker_id: str = "w1") -> Worker:
+    worker_settings = WorkerSettings(queue=settings, worker_id=worker_id, services=("simulation", "broken"),
+                                     connectors=("simulation", "broken"), max_concurrent_jobs=max_concurrent,
+                                     job_timeout_minutes=1.0)
+    connectors: dict[str, Connector] = {"simulation": SimulationConnector(SIM_ENV), "broken": BrokenConnector({})}
+    return Worker(worker_settings, client, client, connectors)
+
+
+@pytest.fixture()
+def worker(client: redis.Redis, settings: QueueSettings) -> Iterator[Worker]:
+    w = make_worker(client, settings, max_concurrent=3)
+    w.register()
+    yield w
+    for job in list(w.running.values()):
+        job.context.stop("shutdown")
+    wait_idle(w)
+
+
+def wait_idle(worker: Worker, timeout_s: float = 20) -> None:
+    """Let the job greenlets run until the worker holds no job."""
+    deadline = time.monotonic() + timeout_s
+    while worker.running:
+        assert time.monotonic() < deadline, f"jobs still running: {list(worker.running)}"
+        gevent.sleep(0.01)
+
+
+def submit(queue: Queue, **body: Any) -> str:
+    return queue.submit(JobSpec.parse({"service_required": "simulation", **body}))
+
+
+def stream(client: redis.Redis, queue: Queue, job_id: str) -> list[dict[str, str]]:
+    return [fields for _, fields in client.xrange(queue.keys.progress(job_id))]
+
+
+# -- claiming -----------------------------------------------------------------------------------------------------
+def test_claims_up_to_max_concurrent_and_never_more(worker: Worker, queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    ids = [submit(queue, priority=10 - n, payload={"duration": 60, "steps": 2}) for n in range(8)]
+    assert worker.run_once() == 3
+    assert set(worker.running) == set(ids[:3])
+    assert client.smembers(k.worker_jobs("w1")) == set(ids[:3])
+    assert worker.run_once() == 0  # no free slot: nothing claimed
+    assert client.zcard(k.pending) == 5
+    seen_max = 0
+    deadline = time.monotonic() + 30
+    while client.zcard(k.index_status("completed")) < len(ids):
+        assert time.monotonic() < deadline
+        worker.run_once()
+        active = client.zcard(k.index_status("assigned")) + client.zcard(k.index_status("in_progress"))
+        assert len(worker.running) <= 3 and active <= 3
+        assert client.scard(k.worker_jobs("w1")) <= 3
+        seen_max = max(seen_max, len(worker.running))
+        gevent.sleep(0.005)
+    assert seen_max == 3
+    wait_idle(worker)
+    assert all(client.hget(k.job(job_id), "status") == "completed" for job_id in ids)
+    assert client.hget(k.worker("w1"), "total_jobs_completed") == "8"
+    assert client.hget(k.worker("w1"), "status") == "idle"
+
+
+def test_partial_slots_claim_only_what_is_free(client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
+    w = make_worker(client, settings, max_concurrent=2)
+    w.register()
+    long_job = submit(queue, priority=100, payload={"duration": 10_000, "steps": 1})
+    assert w.run_once() == 1
+    for _ in range(3):
+        submit(queue, payload={"duration": 10_000, "steps": 1})
+    assert w.run_once() == 1
+    assert w.run_once() == 0
+    assert len(w.running) == 2 and long_job in w.running and client.zcard(queue.keys.pending) == 2
+    for job in list(w.running.values()):
+        job.context.stop("shutdown")
+    wait_idle(w)
+    # handed back on shutdown, not failed: all four wait in line again
+    assert client.zcard(queue.keys.pending) == 4
+    assert client.hget(queue.keys.job(long_job), "retry_count") == "0"
+
+
+def test_worker_ignores_services_it_does_not_serve(worker: Worker, queue: Queue, client: redis.Redis) -> None:
+    other = queue.submit(JobSpec.parse({"service_required": "comfyui", "priority": 1000}))
+    assert worker.run_once() == 0
+    assert client.hget(queue.keys.job(other), "status") == "pending"
+
+
+# -- running jobs through the simulation connector ------------------------------------------------------------------
+def test_simulation_progress_lands_in_the_stream(worker: Worker, queue: Queue, client: redis.Redis) -> None:
+    payload = {"duration": 40, "steps": 4, "job": 7}
+    job_id = submit(queue, priority=5, payload=payload)
+    assert worker.run_once() == 1
+    wait_idle(worker)
+    entries = stream(client, queue, job_id)
+    kinds = [e["event"] for e in entries]
+    assert kinds == ["submitted", "assigned", "in_progress"] + ["progress"] * 5 + ["completed"]
+    progress = [e for e in entries if e["event"] == "progress"]
+    assert [int(e["progress"]) for e in progress] == [0, 25, 50, 75, 100]
+    assert [e["current_step"] for e in progress] == ["0", "1", "2", "3", "4"]
+    assert all(e["total_steps"] == "4" and e["worker_id"] == "w1" for e in progress)
+    job = queue.get(job_id)
+    assert job is not None
+    assert job["status"] == "completed" and job["progress"] == 100 and job["worker_id"] == "w1"
+    assert job["result"]["job_payload"] == payload and job["result"]["steps_completed"] == 4
+    assert job["started_at"] and job["completed_at"]
+    assert orjson.loads(entries[-1]["result"]) == job["result"]
+
+
+def test_connector_failure_is_a_failure_never_completed(worker: Worker, queue: Queue, client: redis.Redis) -> None:
+    job_id = submit(queue, max_retries=0, payload={"fail": True, "duration": 10})
+    assert worker.run_once() == 1
+    wait_idle(worker)
+    job = queue.get(job_id)
+    assert job is not None
+    assert job["status"] == "failed" and job["error"] == "Simulated failure on attempt 1"
+    assert "result" not in job
+    kinds = [e["event"] for e in stream(client, queue, job_id)]
+    assert kinds[-1] == "failed" and "completed" not in kinds
+    assert client.hget(queue.keys.worker("w1"), "total_jobs_failed") == "1"
+
+
+def test_non_retryable_connector_failure_ends_at_once(worker: Worker, queue: Queue) -> None:
+    job_id = submit(queue, max_retries=3, payload={"fail": True, "fail_retryable": False, "duration": 10})
+    worker.run_once()
+    wait_idle(worker)
+    job = queue.get(job_id)
+    assert job is not None and job["status"] == "failed" and job["retry_count"] == 0
+
+
+@pytest.mark.parametrize("mode", ["raise", "unserialisable"])
+def test_broken_connector_fails_the_job(worker: Worker, queue: Queue, client: redis.Redis, mode: str) -> None:
+    job_id = queue.submit(JobSpec.parse({"service_required": "broken", "max_retries": 0, "payload": {"mode": mode}}))
+    assert worker.run_once() == 1
+    wait_idle(worker)
+    job = queue.get(job_id)
+    assert job is not None
+    assert job["status"] == "failed", job
+    assert job["error"]
+    assert "completed" not in [e["event"] for e in stream(client, queue, job_id)]
+    assert client.smembers(queue.keys.worker_jobs("w1")) == set()
+
+
+def test_failed_attempt_retries_with_backoff_then_completes(worker: Worker, queue: Queue,
+                                                             client: redis.Redis) -> None:
+    k = queue.keys
+    job_id = submit(queue, max_retries=2, payload={"fail": 1, "duration": 10})  # the first attempt fails
+    before = clock.now_ms()
+    worker.run_once()
+    wait_idle(worker)
+    after = clock.now_ms()
+    due = client.zscore(k.delayed, job_id)
+    assert due is not None
+    base = queue.settings.retry_base_ms
+    assert before + base // 2 <= due <= after + base  # first retry: between half and all of the base step
+    record = client.hgetall(k.job(job_id))
+    assert record["status"] == "pending" and record["retry_count"] == "1" and record["last_failed_worker"] == "w1"
+    assert worker.run_once(now_ms=int(due) - 1) == 0
+    assert worker._next_due_ms == int(due)
+    assert worker.run_once(now_ms=int(due)) == 1
+    wait_idle(worker)
+    job = queue.get(job_id)
+    assert job is not None and job["status"] == "completed" and job["retry_count"] == 1 and job["attempt"] == 2
+
+
+def test_retry_delay_is_exponential_with_jitter(worker: Worker) -> None:
+    q = worker.settings.queue
+    for retry in range(10):
+        step = min(q.retry_max_ms, q.retry_base_ms * 2 ** retry)
+        delays = {worker.retry_delay_ms(retry) for _ in range(200)}
+        assert all(step // 2 <= d <= step for d in delays), (retry, min(delays), max(delays))
+        assert len(delays) > 1, "no jitter"
+    assert max(worker.retry_delay_ms(1000) for _ in range(50)) <= q.retry_max_ms
+
+
+def test_timeout_ends_the_attempt(client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
+    w = make_worker(client, settings)
+    w.register()
+    job_id = queue.submit(JobSpec.parse({"service_required": "simulation", "max_retries": 0, "timeout_seconds": 0.2,
+                                         "payload": {"duration": 30_000, "steps": 3}}))
+    w.run_once()
+    wait_idle(w)
+    job = queue.get(job_id)
+    assert job is not None and job["status"] == "timeout" and "timed out" in job["error"]
+
+
+def test_cancel_stops_a_running_job(worker: Worker, queue: Queue) -> None:
+    job_id = submit(queue, payload={"duration": 30_000, "steps": 3})
+    worker.run_once()
+    gevent.sleep(0.05)
+    assert queue.cancel(job_id) == "cancelling"
+    assert worker.stop_job(job_id, "cancel")
+    wait_idle(worker)
+    job = queue.get(job_id)
+    assert job is not None and job["status"] == "cancelled" and "result" not in job
+
+
+# -- registration ---------------------------------------------------------------------------------------------------
+def test_register_heartbeat_and_deregister_keys(client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
+    k = queue.keys
+    w = make_worker(client, settings, max_concurrent=2, worker_id="worker9-direct")
+    w.register()
+    record = client.hgetall(k.worker("worker9-direct"))
+    assert record["worker_id"] == "worker9-direct" and record["status"] == "idle"
+    assert record["max_concurrent_jobs"] == "2" and record["services"] == "simulation,broken"
+    capabilities = orjson.loads(record["capabilities"])
+    assert capabilities["services"] == ["simulation", "broken"]
+    assert capabilities["performance"]["concurrent_jobs"] == 2
+    assert "simulation-model-v1" in capabilities["models"]["simulation"]
+    ttl = client.ttl(k.worker_heartbeat("worker9-direct"))
+    assert 0 < ttl <= w.settings.heartbeat_ttl_s
+    assert client.smembers(k.workers_active) == {"worker9-direct"}
+    last = client.xrevrange(k.events, count=1)[0][1]
+    assert last["event"] == "worker_connected" and last["worker_id"] == "worker9-direct"
+
+    client.delete(k.worker_heartbeat("worker9-direct"))
+    w.heartbeat()
+    assert client.ttl(k.worker_heartbeat("worker9-direct")) > 0
+    client.delete(k.worker("worker9-direct"))  # as after a Redis flush: the next beat registers again
+    w.heartbeat()
+    assert client.hget(k.worker("worker9-direct"), "worker_id") == "worker9-direct"
+
+    assert w.scripts.deregister_worker("worker9-direct") == 0
+    assert not client.exists(k.worker("worker9-direct"), k.worker_heartbeat("worker9-direct"))
+    assert client.smembers(k.workers_active) == set()
+    last = client.xrevrange(k.events, count=1)[0][1]
+    assert last["event"] == "worker_disconnected"
+
+
+def test_worker_process_runs_jobs_and_deregisters_on_term(env_base: dict[str, str], client: redis.Redis,
+                                                          queue: Queue) -> None:
+    """A real worker process: wakes on submit, completes, and removes its keys on SIGTERM."""
+    k = queue.keys
+    env = {**env_base, "WORKER_ID": "proc-worker", "WORKER_POLL_INTERVAL_MS": "60000",
+           "WORKER_HEARTBEAT_INTERVAL_MS": "200", **SIM_ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "proc-worker" not in client.smembers(k.workers_active):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        job_id = submit(queue, payload={"duration": 20, "steps": 2})
+        # the poll interval is a minute: only the wake-up signal can make this finish in time
+        while client.hget(k.job(job_id), "status") != "completed":
+            assert proc.poll() is None and time.monotonic() < deadline + 10
+            time.sleep(0.05)
+        assert client.hget(k.job(job_id), "worker_id") == "proc-worker"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "proc-worker" not in client.smembers(k.workers_active)
+    assert not client.exists(k.worker("proc-worker"), k.worker_heartbeat("proc-worker"))
