@@ -111,6 +111,28 @@ class Keys:
     def wake_prefix(self) -> str:
         return f"{self.prefix}jobs:wake:"
 
+    # -- requirement classes (appliance/matching.py) --------------------------------------------------
+    def pending_class(self, service: str, class_id: str) -> str:
+        """Claim queue of one requirement class (jobs of `service` with the same requirements)."""
+        return f"{self.prefix}jobs:pending:{service}:req:{class_id}"
+
+    def requirement_class(self, class_id: str) -> str:
+        """String: JSON of a requirement class (service, requirements, customer_id, queue)."""
+        return f"{self.prefix}jobs:class:{class_id}"
+
+    def requirement_classes(self, service: str) -> str:
+        """Set of the requirement class ids seen for a service."""
+        return f"{self.prefix}jobs:classes:{service}"
+
+    @property
+    def classes_version(self) -> str:
+        """Counter bumped whenever a new requirement class appears (workers refresh their claim queues)."""
+        return f"{self.prefix}jobs:classes:version"
+
+    def unworkable_class(self, class_id: str) -> str:
+        """Jobs of a class that no registered worker can serve; same scores as the claim queues."""
+        return f"{self.prefix}jobs:unworkable:{class_id}"
+
     # -- workers ------------------------------------------------------------------------------------
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"

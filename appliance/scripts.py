@@ -21,6 +21,7 @@ from appliance.settings import QueueSettings
 SCRIPT_NAMES = (
     "submit_job", "claim_job", "progress_job", "complete_job", "fail_job", "release_job", "cancel_job",
     "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs",
+    "register_class", "mark_unworkable", "revive_unworkable",  # wrapped in appliance/matching.py
 )
 
 

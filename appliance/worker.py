@@ -23,10 +23,12 @@ import orjson
 import redis
 
 from appliance import __version__, clock
+from appliance.classes import ClaimPlanner, ClassBook
 from appliance.connector import Connector, ConnectorError, JobContext, JobStopped
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
 from appliance.scripts import Claimed, Scripts
+from appliance.matching import WorkerProfile
 from appliance.settings import WorkerSettings
 from appliance.telemetry import HostSampler
 
@@ -62,7 +64,9 @@ class Worker:
             for service in connector.services:
                 self.by_service.setdefault(service, connector)
         self.services = tuple(s for s in settings.services if s in self.by_service)
-        self.sampler = sampler or HostSampler()
+        self.sampler = sampler or HostSampler.for_worker(settings.env)
+        self.profile = WorkerProfile.from_env(settings.env)  # customer access, custom capabilities
+        self.planner = ClaimPlanner(ClassBook(client, self.keys, self.scripts))
         self.running: dict[str, Running] = {}
         self.draining = False
         self.stopped = gevent.event.Event()
@@ -73,14 +77,22 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
+        """What requirements are matched against (appliance/matching.py): WORKER_* settings, filled in from
+        NVML for this worker's GPU and from psutil for RAM; models are listed per service."""
         hw = self.settings.hardware
+        gpu = self.sampler.gpu.sample() if self.sampler.gpu is not None else {}
         return {
             "worker_id": self.id,
             "services": list(self.services),
-            "hardware": {"gpu_count": hw.gpu_count, "gpu_memory_gb": hw.gpu_memory_gb, "gpu_model": hw.gpu_model,
-                         "cpu_cores": hw.cpu_cores, "ram_gb": hw.ram_gb},
-            "models": {name: c.models() for name, c in self.connectors.items()},
-            "customer_access": {"isolation": "loose", "allowed_customers": [], "denied_customers": []},
+            "hardware": {"gpu_count": hw.gpu_count or (1 if gpu else 0),
+                         "gpu_memory_gb": hw.gpu_memory_gb or gpu.get("memory_total_gb", 0.0),
+                         "gpu_model": hw.gpu_model or gpu.get("name", ""),
+                         "gpu_uuid": gpu.get("uuid", ""), "gpu_device": gpu.get("device", ""),
+                         "gpu_index": self.profile.gpu_index,
+                         "cpu_cores": hw.cpu_cores, "ram_gb": hw.ram_gb or HostSampler.ram_total_gb()},
+            "models": {service: c.models() for service, c in self.by_service.items() if service in self.services},
+            "customer_access": self.profile.customer_access(),
+            "custom": self.profile.custom,
             "performance": {"concurrent_jobs": self.settings.max_concurrent_jobs,
                             "max_processing_time_minutes": self.settings.job_timeout_minutes},
             "metadata": {"version": __version__, "python": platform.python_version(),
@@ -169,8 +181,10 @@ class Worker:
         return len(result.jobs)
 
     def claim_queues(self) -> list[str]:
-        """The claim queues this worker can serve: one per service."""
-        return [self.keys.pending_service(s) for s in self.services]
+        """The claim queues this worker can serve now: its healthy services' queues and the requirement
+        classes it fits, given its latest telemetry (appliance/classes.py; cached between changes)."""
+        services = [s for s in self.services if self.by_service[s].healthy()]
+        return self.planner.queues(services, self.capabilities, self.sampler.latest)
 
     def _wait_for_work(self) -> None:
         timeout_s = self.settings.poll_interval_ms / 1000
@@ -287,6 +301,8 @@ class Worker:
         ms = clock.now_ms() if now_ms is None else now_ms
         fields = {
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
+            "capabilities": orjson.dumps(self.capabilities()).decode(),
+            "services": ",".join(s for s in self.services if self.by_service[s].healthy()),
             "last_heartbeat_ms": str(ms),
         }
         lost = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
