@@ -158,3 +158,13 @@ class Keys:
     def events(self) -> str:
         """Stream of appliance-wide events (job submitted/finished, workers joining/leaving) for monitors."""
         return f"{self.prefix}events"
+
+    # -- API processes --------------------------------------------------------------------------------
+    def fanout_wake(self, instance: str) -> str:
+        """Tiny stream an API process writes to interrupt its own blocked XREAD when it follows a new stream."""
+        return f"{self.prefix}api:{instance}:wake"
+
+    @property
+    def api_connections(self) -> str:
+        """Hash: API process instance → JSON of its open SSE/WebSocket connections (for connection-stats)."""
+        return f"{self.prefix}api:connections"

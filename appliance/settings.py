@@ -173,6 +173,10 @@ class ApiSettings:
     cors_origins: tuple[str, ...] = ("*",)
     max_body_bytes: int = 10 * 1024 * 1024
     graceful_timeout_s: int = 10
+    sse_keepalive_s: float = 15.0
+    client_queue_size: int = 1000
+    ws_max_message_bytes: int = 1024 * 1024
+    ws_ping_interval_s: float = 25.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
@@ -187,6 +191,10 @@ class ApiSettings:
             cors_origins=e.list("CORS_ORIGINS", ("*",)),
             max_body_bytes=e.int("API_MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 1024**3),
             graceful_timeout_s=e.int("API_GRACEFUL_TIMEOUT_SECONDS", 10, 1, 3600),
+            sse_keepalive_s=e.float("API_SSE_KEEPALIVE_SECONDS", 15.0, 0.1, 15.0),
+            client_queue_size=e.int("API_CLIENT_QUEUE_SIZE", 1000, 1, 1_000_000),
+            ws_max_message_bytes=e.int("API_WS_MAX_MESSAGE_BYTES", 1024 * 1024, 1024, 1024**3),
+            ws_ping_interval_s=e.float("API_WS_PING_SECONDS", 25.0, 0.5, 3600),
         )
 
 

@@ -30,3 +30,20 @@ errorlog = "-"
 accesslog = None
 loglevel = _settings.queue.log_level
 proc_name = "appliance-api"
+
+
+# -- graceful stop of live connections ------------------------------------------------------------------------
+def post_worker_init(worker):
+    """On TERM (worker.alive goes False), close WebSockets with 1001 and end SSE streams, so clients reconnect
+    at once instead of waiting for graceful_timeout and an EOF."""
+    import gevent
+
+    def watch():
+        while worker.alive:
+            gevent.sleep(0.2)
+        shutdown = getattr(worker.wsgi, "shutdown", None)
+        if shutdown is not None:
+            told = shutdown()
+            worker.log.info("api: closing %d live connections for shutdown", told)
+
+    gevent.spawn(watch)

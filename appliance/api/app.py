@@ -5,14 +5,20 @@ from __future__ import annotations
 import falcon
 
 from appliance.api import errors
+from appliance.api.live import ConnectionStats, LiveApp, LiveServices, create_live
 from appliance.api.resources import Health, JobCollection, JobItem, WorkerCollection
+from appliance.api.sse import JobProgress
+from appliance.api.ws_session import Live
 from appliance.queue import Queue
 from appliance.redis_conn import connect
 from appliance.settings import ApiSettings
 
 
-def create_app(settings: ApiSettings, queue: Queue) -> falcon.App:
-    """The Falcon app over an existing queue client; opens no connection itself."""
+def create_app(settings: ApiSettings, queue: Queue, live: Live | None = None) -> falcon.App:
+    """The Falcon app over an existing queue client; opens no connection itself.
+
+    With `live` (the process's stream reader and connection registry) it also serves job progress as SSE
+    and the connection counts."""
     origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
     app = falcon.App(middleware=[falcon.CORSMiddleware(allow_origins=origins, allow_credentials=None)])
     app.req_options.strip_url_path_trailing_slash = True
@@ -22,10 +28,18 @@ def create_app(settings: ApiSettings, queue: Queue) -> falcon.App:
     app.add_route("/api/jobs", JobCollection(queue, settings.max_body_bytes))
     app.add_route("/api/jobs/{job_id}", JobItem(queue))
     app.add_route("/api/workers", WorkerCollection(queue))
+    if live is not None:
+        app.add_route("/api/jobs/{job_id}/progress", JobProgress(live))
+        app.add_route("/api/connection-stats", ConnectionStats(live))
     return app
 
 
-def get_app(settings: ApiSettings | None = None) -> falcon.App:
+def get_app(settings: ApiSettings | None = None) -> LiveApp:
+    """The WSGI app gunicorn serves: Falcon for HTTP and SSE, WebSocket upgrades on any path."""
     settings = settings or ApiSettings.from_env()
     client = connect(settings.queue.redis_url, max_connections=64)
-    return create_app(settings, Queue(client, settings.queue))
+    queue = Queue(client, settings.queue)
+    live = create_live(settings, queue)
+    services = LiveServices(live)
+    services.start()
+    return LiveApp(create_app(settings, queue, live), live, services)

@@ -1,0 +1,292 @@
+"""One reader per API process: follows every stream its clients watch and hands entries to per-client queues.
+
+A single greenlet owns one blocking Redis connection and loops `XREAD BLOCK` over the set of followed streams
+(plus this process's wake stream, written to when a new stream joins the set so the blocked read returns).
+Each batch is handed to every subscriber of its stream with `put_nowait` into a bounded queue: the reader
+never waits on a client. A subscriber whose queue is full has fallen too far behind and is marked overflowed;
+its connection closes itself with that reason (an SSE client resumes with Last-Event-ID).
+
+Joining without a gap: a subscriber first reads the stream's history itself (XRANGE on a small pool), then
+registers with the reader's cursor for that stream not ahead of what it has read. Registration runs without
+yielding to other greenlets, so every entry after the reader's cursor reaches the subscriber through the
+reader, and every entry up to it was in the history read; entries seen twice are dropped by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent
+import gevent.queue
+import redis
+
+from appliance.keys import Keys
+
+log = logging.getLogger(__name__)
+
+EntryId = tuple[int, int]
+BLOCK_MS = 10_000
+READ_COUNT = 200             # entries per read: one batch must fit in a client queue
+HISTORY_PAGE = 500
+
+
+def parse_id(entry_id: str) -> EntryId:
+    """A stream entry id ("1700000000000-3") as a comparable tuple; raises ValueError if malformed."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def valid_id(entry_id: str) -> bool:
+    try:
+        parse_id(entry_id)
+    except ValueError:
+        return False
+    return True
+
+
+class Entry:
+    """One stream entry as read, shared by every subscriber; renderings are cached per client kind."""
+
+    __slots__ = ("stream", "id", "key", "fields", "extra", "_cache")
+
+    def __init__(self, stream: str, entry_id: str, fields: dict[str, str]):
+        self.stream = stream
+        self.id = entry_id
+        self.key = parse_id(entry_id)
+        self.fields = fields
+        self.extra: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def event(self) -> str:
+        return self.fields.get("event", "")
+
+    @property
+    def job_id(self) -> str:
+        return self.fields.get("job_id", "")
+
+    def rendered(self, kind: str, render: Callable[[Entry], Any]) -> Any:
+        """`render(self)` computed once per kind for all subscribers of this entry."""
+        try:
+            return self._cache[kind]
+        except KeyError:
+            value = self._cache[kind] = render(self)
+            return value
+
+
+class Subscriber:
+    """A client's bounded inbox. Items are Entry objects or control tuples the connection defines."""
+
+    def __init__(self, kind: str, maxsize: int, on_overflow: Callable[[str], None] | None = None):
+        self.kind = kind
+        self.queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize)
+        self.last: dict[str, EntryId] = {}
+        self.overflowed: str | None = None
+        self.on_overflow = on_overflow
+
+    def offer(self, item: Any) -> bool:
+        """Queue `item` without waiting; a full queue marks the subscriber as too slow."""
+        if self.overflowed:
+            return False
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except gevent.queue.Full:
+            self.overflowed = (f"client too slow: more than {self.queue.maxsize} messages waiting; "
+                               "reconnect (SSE: with Last-Event-ID) to resume")
+            log.warning("closing a slow %s client: %s", self.kind, self.overflowed)
+            if self.on_overflow is not None:
+                self.on_overflow(self.overflowed)
+            return False
+
+    def put(self, item: Any, timeout_s: float = 10.0) -> None:
+        """Queue `item`, waiting while the queue is full (history, read by the client's own greenlet); a
+        client that takes nothing for `timeout_s` is too slow."""
+        if self.overflowed:
+            return
+        try:
+            self.queue.put(item, timeout=timeout_s)
+        except gevent.queue.Full:
+            self.offer(item)
+
+    def fresh(self, entry: Entry) -> bool:
+        """Whether `entry` is newer than what this subscriber already got from its stream (and mark it)."""
+        seen = self.last.get(entry.stream)
+        if seen is not None and entry.key <= seen:
+            return False
+        self.last[entry.stream] = entry.key
+        return True
+
+
+Enricher = Callable[[redis.Redis, list[Entry]], None]
+
+
+class Hub:
+    """The per-process stream reader. `start()` spawns its greenlet; `stop()` ends it."""
+
+    def __init__(self, blocking: redis.Redis, client: redis.Redis, keys: Keys,
+                 enrichers: dict[str, Enricher] | None = None, block_ms: int = BLOCK_MS):
+        self.blocking = blocking
+        self.client = client
+        self.keys = keys
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.wake_key = keys.fanout_wake(self.instance)
+        self.enrichers = enrichers or {}
+        self.block_ms = block_ms
+        self.cursors: dict[str, str] = {}
+        self.subscribers: dict[str, set[Subscriber]] = {}
+        self.batches = 0
+        self.entries = 0
+        self._greenlet: gevent.Greenlet | None = None
+        self._running = False
+        self._wake_pending = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._running = True
+            self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+        try:
+            self.client.delete(self.wake_key)
+        except redis.RedisError:
+            pass
+
+    # -- subscriptions ----------------------------------------------------------------------------------
+    def history(self, stream: str, after: str | None, count: int = HISTORY_PAGE) -> list[Entry]:
+        """Entries of `stream` after `after` (all of them when None), oldest first, one page."""
+        start = "-" if after is None else f"({after}"
+        return [Entry(stream, entry_id, fields) for entry_id, fields in
+                self.client.xrange(stream, start, "+", count=count)]
+
+    def last_id(self, stream: str) -> str:
+        """The id of the newest entry of `stream` ("0-0" when it is empty or missing)."""
+        newest = self.client.xrevrange(stream, "+", "-", count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    def join(self, sub: Subscriber, stream: str, after: str | None,
+             deliver: Callable[[Entry], None]) -> None:
+        """Read `stream` after `after` (`deliver` gets each entry), then follow it live through `sub`'s queue.
+
+        Loops until the history read has caught up with the reader's cursor, then registers without
+        yielding in between, so no entry can fall into a gap.
+        """
+        last = after
+        while True:
+            page = self.history(stream, last)
+            for entry in page:
+                if sub.fresh(entry):
+                    deliver(entry)
+                last = entry.id
+            if len(page) == HISTORY_PAGE:
+                continue
+            cursor = self.cursors.get(stream)
+            have = parse_id(last) if last is not None else (0, 0)
+            if page and cursor is not None and parse_id(cursor) > have:
+                continue                    # the reader moved past what we read: read the rest first
+            if last is not None:
+                sub.last.setdefault(stream, have)
+            self._register(sub, stream, last or "0-0")
+            return
+
+    def follow(self, sub: Subscriber, stream: str, after: str) -> None:
+        """Follow `stream` live from entry id `after` (no history read: the caller took its own snapshot)."""
+        sub.last.setdefault(stream, parse_id(after))
+        cursor = self.cursors.get(stream)
+        if cursor is not None and parse_id(cursor) > parse_id(after):
+            # catch up the part the reader already passed, then register (as in join)
+            self.join(sub, stream, after, lambda entry: sub.offer(entry))
+            return
+        self._register(sub, stream, after)
+
+    def _register(self, sub: Subscriber, stream: str, after: str) -> None:
+        subs = self.subscribers.setdefault(stream, set())
+        subs.add(sub)
+        if stream not in self.cursors:
+            self.cursors[stream] = after
+            self._wake()
+
+    def leave(self, sub: Subscriber, stream: str | None = None) -> None:
+        """Stop `sub` following `stream` (every stream when None)."""
+        streams = [stream] if stream is not None else list(sub.last) + [
+            s for s, subs in self.subscribers.items() if sub in subs]
+        for name in set(streams):
+            subs = self.subscribers.get(name)
+            if subs is None:
+                continue
+            subs.discard(sub)
+            if not subs:
+                del self.subscribers[name]
+                self.cursors.pop(name, None)
+            sub.last.pop(name, None)
+
+    def subscriber_count(self) -> int:
+        return len({sub for subs in self.subscribers.values() for sub in subs})
+
+    def _wake(self) -> None:
+        """Interrupt the blocked read so that it includes the new stream (one wake per read)."""
+        if self._greenlet is None or self._wake_pending:
+            return
+        self._wake_pending = True
+        gevent.spawn(self._send_wake)
+
+    def _send_wake(self) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=10, approximate=False)
+            pipe.expire(self.wake_key, 3600)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("fan-out wake failed (new streams wait for the next read): %s", exc)
+
+    # -- the reader ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        backoff = 0.1
+        while self._running:
+            self._wake_pending = False      # this read includes every stream registered so far
+            streams = {**self.cursors, self.wake_key: "$"}
+            try:
+                reply = self.blocking.xread(streams, count=READ_COUNT, block=self.block_ms)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("fan-out read failed, retrying in %.1f s: %s", backoff, exc)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if reply:
+                self._dispatch(reply)
+
+    def _dispatch(self, reply: Iterable[Any]) -> None:
+        for stream, raw in reply:
+            if stream == self.wake_key or stream not in self.cursors:
+                continue
+            entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+            if not entries:
+                continue
+            enrich = self.enrichers.get(stream)
+            if enrich is not None:
+                try:
+                    enrich(self.client, entries)
+                except redis.RedisError as exc:
+                    log.warning("fan-out enrichment of %s failed: %s", stream, exc)
+            # from here to the end of the loop body nothing yields: cursor and hand-out move together
+            if stream not in self.cursors:
+                continue
+            self.cursors[stream] = entries[-1].id
+            self.batches += 1
+            self.entries += len(entries)
+            for sub in list(self.subscribers.get(stream, ())):
+                for entry in entries:
+                    if sub.fresh(entry) and not sub.offer(entry):
+                        self.leave(sub)
+                        break

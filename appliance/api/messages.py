@@ -1,0 +1,250 @@
+"""How one stream entry reads on each wire: SSE frames and the legacy, client, monitor and hub-era messages.
+
+Stream entries hold strings; every wire gets numbers as numbers, `result` parsed, and a `timestamp`. Where the
+original system sent the same event under two names, each kind of client gets the name it expects:
+`job_progress`/`job_completed` on the monitor socket (the Next.js monitor), `update_job_progress`/
+`complete_job` on the client socket and to hub-era monitors (the simple monitor).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from appliance import clock
+from appliance.api.fanout import Entry
+
+TERMINAL_EVENTS = frozenset({"completed", "failed", "timeout", "cancelled"})
+FAILED_EVENTS = frozenset({"failed", "timeout", "cancelled"})
+_INTS = ("progress", "current_step", "total_steps", "retry_count", "max_retries", "attempt", "priority",
+         "retry_at")
+_TIMES = ("updated_at", "completed_at", "failed_at")
+
+
+def dumps(message: dict[str, Any]) -> str:
+    return orjson.dumps(message).decode()
+
+
+def iso_ms(value: str | None) -> int | None:
+    """An ISO 8601 time as epoch ms (None when empty or unreadable)."""
+    if not value:
+        return None
+    try:
+        return int(datetime.fromisoformat(value).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def typed(fields: dict[str, str]) -> dict[str, Any]:
+    """Stream entry fields with numbers, booleans and the result decoded; empty fields left out."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if value == "":
+            continue
+        if name in _INTS:
+            try:
+                out[name] = int(value)
+            except ValueError:
+                out[name] = value
+        elif name == "will_retry":
+            out[name] = value == "true"
+        elif name == "result":
+            try:
+                out[name] = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                out[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+# -- SSE ------------------------------------------------------------------------------------------------
+def sse_frame(entry: Entry) -> bytes:
+    """`id:`, `event:` and one `data:` line (JSON: the typed entry, plus its type and timestamp)."""
+    data = {"type": entry.event, "id": entry.id, **typed(entry.fields), "timestamp": clock.iso(clock.now_ms())}
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (entry.id.encode(), entry.event.encode(), orjson.dumps(data))
+
+
+def sse_comment(text: str) -> bytes:
+    return f": {text}\n\n".encode()
+
+
+def sse_named(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
+
+
+# -- legacy socket (E0 `progress` frames; terminal events also under the E5 names) ----------------------------
+def legacy(entry: Entry) -> list[str]:
+    now = clock.iso(clock.now_ms())
+    fields = typed(entry.fields)
+    out = [dumps({"type": "progress", "job_id": entry.job_id, "id": entry.id, "event": entry.event,
+                  "status": fields.get("status"), "progress": fields.get("progress"),
+                  "data": entry.fields, "timestamp": now})]
+    if entry.event == "completed":
+        out.append(dumps(_complete_job(entry, fields)))
+    elif entry.event in FAILED_EVENTS:
+        out.append(dumps(_job_failed(entry, fields, "job_failed")))
+    return out
+
+
+# -- client socket (E5 names) -----------------------------------------------------------------------------
+def client(entry: Entry) -> list[str]:
+    return [dumps(m) for m in _client_messages(entry)]
+
+
+def _base(entry: Entry, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": kind, "job_id": entry.job_id, "id": entry.id}
+    if "worker_id" in fields:
+        message["worker_id"] = fields["worker_id"]
+    message["timestamp"] = clock.now_ms()
+    return message
+
+
+def _progress(entry: Entry, fields: dict[str, Any], kind: str, status: str) -> dict[str, Any]:
+    message = _base(entry, kind, fields)
+    message.update(progress=fields.get("progress", 0), status=status)
+    for name in ("message", "current_step", "total_steps"):
+        if name in fields:
+            message[name] = fields[name]
+    return message
+
+
+def _complete_job(entry: Entry, fields: dict[str, Any], kind: str = "complete_job") -> dict[str, Any]:
+    message = _base(entry, kind, fields)
+    message.update(status="completed", progress=100, result=fields.get("result"),
+                   message=fields.get("message", ""),
+                   completed_at=iso_ms(entry.fields.get("completed_at")) or clock.now_ms())
+    return message
+
+
+def _job_failed(entry: Entry, fields: dict[str, Any], kind: str) -> dict[str, Any]:
+    message = _base(entry, kind, fields)
+    message.setdefault("worker_id", None)
+    message.update(status=entry.event, error=fields.get("error", ""),
+                   failed_at=iso_ms(entry.fields.get("failed_at") or entry.fields.get("updated_at")),
+                   retry_count=fields.get("retry_count", 0), will_retry=False)
+    return message
+
+
+def _status_changed(entry: Entry, fields: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    message = _base(entry, "job_status_changed", fields)
+    message.update(old_status=old, new_status=new, event=entry.event)
+    for name in ("error", "retry_count", "max_retries", "retry_at", "message"):
+        if name in fields:
+            message[name] = fields[name]
+    return message
+
+
+def _client_messages(entry: Entry) -> list[dict[str, Any]]:
+    fields = typed(entry.fields)
+    event = entry.event
+    if event == "assigned":
+        message = _base(entry, "job_assigned", fields)
+        message.update(old_status="pending", new_status="assigned",
+                       assigned_at=iso_ms(entry.fields.get("updated_at")))
+        return [message]
+    if event == "in_progress":
+        return [_status_changed(entry, fields, "assigned", "in_progress")]
+    if event == "progress":
+        return [_progress(entry, fields, "update_job_progress", "in_progress")]
+    if event == "retrying":
+        return [_status_changed(entry, fields, "in_progress", "pending")]
+    if event == "requeued":
+        return [_status_changed(entry, fields, "in_progress", "pending")]
+    if event == "completed":
+        return [_complete_job(entry, fields)]
+    if event in FAILED_EVENTS:
+        return [_job_failed(entry, fields, "job_failed")]
+    return []
+
+
+# -- monitor socket (the Next.js monitor's names) ----------------------------------------------------------
+def monitor(entry: Entry) -> list[tuple[str, str]]:
+    """(type, JSON) pairs for a monitor that sent monitor_connect; the type drives its topic filter."""
+    return [(m["type"], dumps(m)) for m in _monitor_messages(entry, hub=False)]
+
+
+def hub(entry: Entry) -> list[tuple[str, str]]:
+    """The same events under the hub-era names the simple monitor handles."""
+    return [(m["type"], dumps(m)) for m in _monitor_messages(entry, hub=True)]
+
+
+def _worker_status(entry: Entry, worker_id: str, hub_names: bool) -> dict[str, Any] | None:
+    state = entry.extra.get("workers", {}).get(worker_id)
+    if state is None:
+        return None
+    status, current = state
+    message: dict[str, Any] = {"type": "worker_status" if hub_names else "worker_status_changed",
+                               "worker_id": worker_id}
+    if hub_names:
+        message["status"] = status
+    else:
+        message.update(old_status="busy" if status == "idle" else "idle", new_status=status)
+    message["current_job_id"] = current or None
+    message["timestamp"] = clock.now_ms()
+    return message
+
+
+def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
+    fields = typed(entry.fields)
+    event = entry.event
+    out: list[dict[str, Any]] = []
+    if event == "worker_connected":
+        out.append({"type": "worker_connected", "worker_id": fields.get("worker_id"),
+                    "worker_data": entry.extra.get("worker_data") or {"status": "idle", "capabilities": {},
+                                                                      "jobs_completed": 0, "jobs_failed": 0},
+                    "timestamp": clock.now_ms()})
+        return out
+    if event == "worker_disconnected":
+        out.append({"type": "worker_disconnected", "worker_id": fields.get("worker_id"),
+                    "timestamp": clock.now_ms()})
+        return out
+    if event == "submitted":
+        job = entry.extra.get("job") or {"id": entry.job_id, "job_type": fields.get("service_required"),
+                                         "status": "pending", "priority": fields.get("priority"),
+                                         "created_at": iso_ms(entry.fields.get("updated_at"))}
+        if hub:
+            out.append({"type": "job_accepted", "job_id": entry.job_id, "status": "pending",
+                        "job_type": job.get("job_type"), "priority": job.get("priority"),
+                        "timestamp": clock.now_ms()})
+        else:
+            out.append({"type": "job_submitted", "job_id": entry.job_id, "job_data": job,
+                        "timestamp": clock.now_ms()})
+        return out
+    if event == "assigned":
+        message = _base(entry, "job_assigned", fields)
+        message.update(old_status="pending", new_status="assigned",
+                       assigned_at=iso_ms(entry.fields.get("updated_at")))
+        out.append(message)
+    elif event == "in_progress":
+        out.append(_status_changed(entry, fields, "assigned", "processing"))
+    elif event == "progress":
+        out.append(_progress(entry, fields, "update_job_progress" if hub else "job_progress", "processing"))
+    elif event in ("retrying", "requeued"):
+        out.append(_status_changed(entry, fields, "processing", "pending"))
+    elif event == "completed":
+        out.append(_complete_job(entry, fields, "complete_job" if hub else "job_completed"))
+    elif event in FAILED_EVENTS:
+        out.append(_job_failed(entry, fields, "fail_job" if hub else "job_failed"))
+    worker_id = fields.get("worker_id")
+    if worker_id and event in ("assigned", "completed", "failed", "timeout", "retrying", "requeued",
+                               "cancelled"):
+        status = _worker_status(entry, worker_id, hub)
+        if status is not None:
+            out.append(status)
+    return out
+
+
+def topic_match(kind: str, topics: frozenset[str]) -> bool:
+    """seed-system §6.3's filter (no topics, `jobs`, or `jobs:<second word>`), plus `workers` for worker
+    events and `system_stats` for statistics."""
+    if not topics or "jobs" in topics:
+        return True
+    words = kind.split("_")
+    if len(words) > 1 and f"jobs:{words[1]}" in topics:
+        return True
+    if kind.startswith("worker") and "workers" in topics:
+        return True
+    return kind in topics or (kind in ("system_stats", "stats_broadcast") and "system_stats" in topics)

@@ -1,0 +1,208 @@
+"""What monitors are shown: the full-state snapshot, `system_stats`, the hub-era `stats_broadcast`, and the
+worker and job details added to `events` stream entries before they are handed out.
+
+Shapes follow reference/monitor-clients.md: workers as an object keyed by worker id with flat capabilities;
+jobs in `{pending, active, completed, failed}` buckets with statuses the monitors display (`processing` for
+running jobs, `failed` for anything that ended without success); numeric progress always present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis
+
+from appliance import clock
+from appliance.api.fanout import Entry
+from appliance.api.messages import iso_ms
+from appliance.jobs import public_job
+from appliance.keys import Keys
+from appliance.queue import Queue, public_worker
+
+SNAPSHOT_LIMIT = 250           # jobs per status in a snapshot
+BROADCAST_LIMIT = 50           # jobs per status in each stats_broadcast
+_WORKER_EVENTS = frozenset({"assigned", "completed", "failed", "timeout", "retrying", "requeued", "cancelled"})
+_BUCKETS = {"pending": ("pending",), "active": ("assigned", "in_progress"), "completed": ("completed",),
+            "failed": ("failed", "cancelled", "timeout", "unworkable")}
+
+
+def flat_capabilities(worker: dict[str, Any]) -> dict[str, Any]:
+    """A worker's capabilities as the monitors read them (hardware lifted to the top, model names only)."""
+    caps = worker.get("capabilities")
+    caps = caps if isinstance(caps, dict) else {}
+    hardware = caps.get("hardware") if isinstance(caps.get("hardware"), dict) else {}
+    models = caps.get("models") if isinstance(caps.get("models"), dict) else {}
+    access = caps.get("customer_access") if isinstance(caps.get("customer_access"), dict) else {}
+    performance = caps.get("performance") if isinstance(caps.get("performance"), dict) else {}
+    names = sorted({str(m) for listed in models.values() if isinstance(listed, list) for m in listed})
+    return {
+        "gpu_count": hardware.get("gpu_count", 0),
+        "gpu_memory_gb": hardware.get("gpu_memory_gb", 0),
+        "gpu_model": hardware.get("gpu_model") or "CPU",
+        "cpu_cores": hardware.get("cpu_cores", 0),
+        "ram_gb": hardware.get("ram_gb", 0),
+        "services": list(caps.get("services") or str(worker.get("services", "")).split(",")),
+        "models": names,
+        "customer_access": access.get("isolation", "loose"),
+        "max_concurrent_jobs": worker.get("max_concurrent_jobs", performance.get("concurrent_jobs", 1)),
+    }
+
+
+def monitor_worker(worker: dict[str, Any]) -> dict[str, Any]:
+    """A public worker record in the snapshot's shape."""
+    return {
+        "id": worker["id"],
+        "status": worker.get("status", "idle"),
+        "capabilities": flat_capabilities(worker),
+        "current_job_id": worker.get("current_job_id") or None,
+        "connected_at": worker.get("connected_at"),
+        "last_activity": worker.get("last_status_change") or worker.get("last_heartbeat"),
+        "jobs_completed": worker.get("total_jobs_completed", 0),
+        "jobs_failed": worker.get("total_jobs_failed", 0),
+        "total_processing_time": 0,
+        "last_heartbeat": worker.get("heartbeat_ttl_s", 0),
+    }
+
+
+def monitor_job(job: dict[str, Any], seconds: bool = False) -> dict[str, Any]:
+    """A public job as monitors show it; `created_at` in ms (seconds for the hub-era broadcast)."""
+    out = dict(job)
+    status = job.get("status", "pending")
+    if status in _BUCKETS["active"]:
+        out["status"] = "processing"
+    elif status in _BUCKETS["failed"]:
+        out["status"] = "failed"
+        out["final_status"] = status
+    out["id"] = job.get("id")
+    out["job_type"] = job.get("service_required", job.get("job_type"))
+    out["progress"] = job.get("progress", 0) if isinstance(job.get("progress"), int) else 0
+    created = iso_ms(job.get("created_at")) if isinstance(job.get("created_at"), str) else None
+    if created is not None:
+        out["created_at"] = created / 1000 if seconds else created
+    return out
+
+
+def job_buckets(queue: Queue, limit: int, seconds: bool = False) -> dict[str, list[dict[str, Any]]]:
+    buckets: dict[str, list[dict[str, Any]]] = {}
+    for bucket, statuses in _BUCKETS.items():
+        jobs: list[dict[str, Any]] = []
+        for status in statuses:
+            page, _ = queue.list(status, None, limit, 0)
+            jobs.extend(monitor_job(job, seconds) for job in page)
+        buckets[bucket] = jobs
+    return buckets
+
+
+def live_workers(queue: Queue) -> list[dict[str, Any]]:
+    return [w for w in queue.workers() if w.get("alive")]
+
+
+def system_stats(queue: Queue, workers: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    counts = queue.counts()
+    workers = live_workers(queue) if workers is None else workers
+    return {
+        "total_jobs": sum(counts.values()),
+        "pending_jobs": counts.get("pending", 0),
+        "active_jobs": counts.get("assigned", 0) + counts.get("in_progress", 0),
+        "completed_jobs": counts.get("completed", 0),
+        "failed_jobs": sum(counts.get(s, 0) for s in _BUCKETS["failed"]),
+        "total_workers": len(workers),
+        "active_workers": sum(1 for w in workers if w.get("status") == "busy"),
+    }
+
+
+def snapshot(queue: Queue) -> dict[str, Any]:
+    """The `data` of a full_state_snapshot."""
+    workers = live_workers(queue)
+    return {
+        "workers": {w["id"]: monitor_worker(w) for w in workers},
+        "jobs": job_buckets(queue, SNAPSHOT_LIMIT),
+        "system_stats": system_stats(queue, workers),
+        "timestamp": clock.now_ms(),
+    }
+
+
+def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str, Any]:
+    """The hub-era `stats_broadcast` (the simple monitor rebuilds its whole view from each one)."""
+    workers = live_workers(queue)
+    buckets = job_buckets(queue, BROADCAST_LIMIT, seconds=True)
+    counts = queue.counts()
+    by_id = {}
+    for w in workers:
+        caps = flat_capabilities(w)
+        by_id[w["id"]] = {
+            "status": w.get("status", "idle"), "connection_status": "connected",
+            "is_accepting_jobs": w.get("status") == "idle", "supported_job_types": caps["services"],
+            "capabilities": caps, "connected_at": w.get("connected_at"),
+            "jobs_processed": int(w.get("total_jobs_completed", 0) or 0) + int(w.get("total_jobs_failed", 0) or 0),
+            "last_heartbeat": w.get("last_heartbeat"), "current_job_id": w.get("current_job_id") or None,
+        }
+    failed = sum(counts.get(s, 0) for s in _BUCKETS["failed"])
+    active = counts.get("assigned", 0) + counts.get("in_progress", 0)
+    return {
+        "type": "stats_broadcast",
+        "connections": {"clients": connections.get("client", []), "workers": sorted(by_id),
+                        "monitors": connections.get("monitor", [])},
+        "workers": by_id,
+        "subscriptions": {"stats": connections.get("monitor", []), "job_notifications": [], "jobs": {}},
+        "system": {
+            "queues": {"priority": 0, "standard": counts.get("pending", 0), "total": counts.get("pending", 0)},
+            "jobs": {"total": sum(counts.values()),
+                     "status": {"pending": counts.get("pending", 0), "active": active,
+                                "completed": counts.get("completed", 0), "failed": failed},
+                     "pending_jobs": buckets["pending"], "active_jobs": buckets["active"],
+                     "completed_jobs": buckets["completed"], "failed_jobs": buckets["failed"]},
+            "workers": {"total": len(by_id),
+                        "status": {"idle": sum(1 for w in workers if w.get("status") == "idle"),
+                                   "working": sum(1 for w in workers if w.get("status") == "busy")},
+                        "active_workers": [w["id"] for w in workers if w.get("status") == "busy"]},
+        },
+        "timestamp": clock.now_ms(),
+    }
+
+
+def enricher(keys: Keys) -> Any:
+    """Adds to `events` entries what monitors need beyond the entry (one pipelined read per batch)."""
+
+    def enrich(client: redis.Redis, entries: list[Entry]) -> None:
+        pipe = client.pipeline(transaction=False)
+        wants: list[tuple[Entry, str, str]] = []
+        for entry in entries:
+            event, worker_id = entry.event, entry.fields.get("worker_id", "")
+            if event == "submitted":
+                pipe.hgetall(keys.job(entry.job_id))
+                wants.append((entry, "job", ""))
+            elif event == "worker_connected" and worker_id:
+                pipe.hgetall(keys.worker(worker_id))
+                pipe.ttl(keys.worker_heartbeat(worker_id))
+                wants.append((entry, "worker_data", worker_id))
+            if event in _WORKER_EVENTS and worker_id:
+                pipe.hmget(keys.worker(worker_id), "status", "current_job_id")
+                wants.append((entry, "worker_status", worker_id))
+        if not wants:
+            return
+        replies = iter(pipe.execute())
+        now = clock.now_ms()
+        for entry, what, worker_id in wants:
+            if what == "job":
+                fields = next(replies)
+                if fields:
+                    job = monitor_job(public_job(fields))
+                    job["status"] = "pending"
+                    entry.extra["job"] = job
+            elif what == "worker_data":
+                fields, ttl = next(replies), next(replies)
+                if fields:
+                    worker = monitor_worker(public_worker(worker_id, fields, int(ttl), now))
+                    entry.extra["worker_data"] = worker
+            else:
+                status, current = next(replies)
+                if status is not None:
+                    entry.extra.setdefault("workers", {})[worker_id] = (status, current)
+
+    return enrich
+
+
+def dumps(message: dict[str, Any]) -> str:
+    return orjson.dumps(message).decode()

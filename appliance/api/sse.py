@@ -1,0 +1,125 @@
+"""GET /api/jobs/{job_id}/progress: a job's events as Server-Sent Events.
+
+A `connected` frame, then every event of the job so far (or those after `Last-Event-ID`), then live events,
+until the terminal event, after which the stream ends. Each event frame carries `id:` (its stream entry id)
+and `event:` (its name). A keep-alive comment goes out whenever nothing else did for the keep-alive interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+import gevent
+import gevent.queue
+
+from appliance import clock
+from appliance.api import messages
+from appliance.api.fanout import Entry, Subscriber, valid_id
+from appliance.api.ws_session import OVERFLOW_GRACE_S, Live
+from appliance.errors import JobNotFound, ValidationError
+
+log = logging.getLogger(__name__)
+
+RETRY_MS = 3000
+_SHUTDOWN = "shutdown"
+
+
+class SseConnection:
+    """One open event stream (registered for connection stats and graceful shutdown)."""
+
+    kind = "sse"
+
+    def __init__(self, live: Live, job_id: str, env: dict[str, Any]):
+        self.id = str(uuid.uuid4())
+        self.job_id = job_id
+        self.live = live
+        self.env = env
+        self.done = False
+        self.sub = Subscriber("sse", live.settings.client_queue_size, self._overflow)
+
+    def shutdown(self) -> None:
+        try:
+            self.sub.queue.put_nowait(_SHUTDOWN)
+        except gevent.queue.Full:
+            pass
+
+    def _overflow(self, reason: str) -> None:
+        gevent.spawn(self._close_slow)
+
+    def _close_slow(self) -> None:
+        gevent.sleep(OVERFLOW_GRACE_S)
+        sock = self.env.get("gunicorn.socket")
+        if not self.done and sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def frames(self, after: str | None) -> Iterator[bytes]:
+        live, sub = self.live, self.sub
+        live.registry.add(self)
+        stream = live.queue.keys.progress(self.job_id)
+        try:
+            yield b"retry: %d\n" % RETRY_MS + messages.sse_named("connected", {
+                "type": "connected", "job_id": self.job_id, "client_id": self.id, "resumed_after": after,
+                "timestamp": clock.iso(clock.now_ms())})
+            history: list[Entry] = []
+            live.hub.join(sub, stream, after, history.append)
+            for entry in history:
+                yield entry.rendered("sse", messages.sse_frame)
+                if entry.event in messages.TERMINAL_EVENTS:
+                    return
+            keepalive = live.settings.sse_keepalive_s
+            while True:
+                try:
+                    item = sub.queue.get(timeout=keepalive)
+                except gevent.queue.Empty:
+                    yield messages.sse_comment("keepalive")
+                    continue
+                if sub.overflowed:
+                    yield messages.sse_named("error", {"type": "error", "error": sub.overflowed,
+                                                       "timestamp": clock.iso(clock.now_ms())})
+                    return
+                if item == _SHUTDOWN:
+                    yield messages.sse_named("shutdown", {
+                        "type": "shutdown", "message": "server restarting; reconnect with Last-Event-ID",
+                        "timestamp": clock.iso(clock.now_ms())})
+                    return
+                if isinstance(item, Entry):
+                    yield item.rendered("sse", messages.sse_frame)
+                    if item.event in messages.TERMINAL_EVENTS:
+                        return
+        finally:
+            self.done = True
+            live.hub.leave(sub)
+            live.registry.remove(self)
+
+
+class JobProgress:
+    """GET /api/jobs/{job_id}/progress (SSE)."""
+
+    def __init__(self, live: Live):
+        self.live = live
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        after = req.get_header("Last-Event-ID") or req.get_param("last_event_id")
+        if after is not None and not valid_id(after):
+            raise ValidationError("Last-Event-ID", f"expected a stream entry id such as 1700000000000-0, got "
+                                                   f"{after!r}")
+        keys = self.live.queue.keys
+        pipe = self.live.hub.client.pipeline(transaction=False)    # the small pool: no growth with clients
+        pipe.exists(keys.job(job_id))
+        pipe.exists(keys.progress(job_id))
+        if not any(pipe.execute()):
+            raise JobNotFound(job_id)
+        if self.live.registry.closing:
+            raise falcon.HTTPServiceUnavailable(description="The API is restarting; retry in a moment")
+        resp.content_type = "text/event-stream"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.set_header("X-Accel-Buffering", "no")
+        resp.stream = SseConnection(self.live, job_id, req.env).frames(after)

@@ -1,0 +1,269 @@
+"""A WebSocket session: reads messages, answers them, and writes queued replies and job events in order.
+
+Replies and events go through one bounded queue drained by a writer greenlet, so a client sees them in the
+order they happened and the stream reader never waits on a client. The legacy and client sockets differ only
+in how a submission is read and which job events they are pushed (`LegacySession`, `ClientSession`); the
+monitor socket is in `ws_monitor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import orjson
+import redis
+
+from appliance import clock
+from appliance.api import messages
+from appliance.api.connections import Registry
+from appliance.api.fanout import Entry, Hub, Subscriber, valid_id
+from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket
+from appliance.errors import JobFinished, JobNotFound, ValidationError
+from appliance.jobs import JobSpec
+from appliance.queue import Queue
+from appliance.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], None]
+OVERFLOW_GRACE_S = 5.0
+
+
+@dataclass
+class Live:
+    """What every live connection of this process shares."""
+
+    settings: ApiSettings
+    queue: Queue
+    hub: Hub
+    registry: Registry
+
+
+class Session:
+    """Base of the three socket kinds; subclasses add handlers and say how events are rendered."""
+
+    kind = "legacy"
+    iso_timestamps = False
+
+    def __init__(self, ws: WebSocket, live: Live, conn_id: str):
+        self.ws = ws
+        self.live = live
+        self.id = conn_id
+        self.sub = Subscriber(self.kind, live.settings.client_queue_size, self._overflow)
+        self.handlers: dict[str, Handler] = {}
+        self._writer: gevent.Greenlet | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve the connection until it closes."""
+        registry = self.live.registry
+        registry.add(self)
+        self._writer = gevent.spawn(self._write_loop)
+        try:
+            if registry.closing:
+                self.ws.close(GOING_AWAY, "server restarting")
+            else:
+                self.on_open()
+            while True:
+                message = self.ws.receive()
+                if message is None:
+                    break
+                self.handle(message)
+        finally:
+            self.live.hub.leave(self.sub)
+            registry.remove(self)
+            self._writer.kill(block=False)
+
+    def on_open(self) -> None:
+        self.reply("connected", client_id=self.id)
+
+    def shutdown(self) -> None:
+        self.ws.close(GOING_AWAY, "server restarting; reconnect")
+
+    def _overflow(self, reason: str) -> None:
+        gevent.spawn(self._close_slow, reason)
+
+    def _close_slow(self, reason: str) -> None:
+        self.sub.offer(None)      # wakes the writer if it waits; ignored when the queue is full
+        gevent.sleep(OVERFLOW_GRACE_S)
+        if self.ws.open:
+            self.ws.abort()
+
+    # -- outgoing -------------------------------------------------------------------------------------------
+    def now(self) -> Any:
+        ms = clock.now_ms()
+        return clock.iso(ms) if self.iso_timestamps else ms
+
+    def reply(self, kind: str, **fields: Any) -> None:
+        """Queue a message of `type` kind (a timestamp is added)."""
+        self.push(messages.dumps({"type": kind, **fields, "timestamp": self.now()}))
+
+    def error(self, error: str, message: dict[str, Any] | None = None, **extra: Any) -> None:
+        fields: dict[str, Any] = {"error": error, **extra}
+        if message is not None:
+            for name in ("id", "message_id"):
+                if name in message:
+                    fields["message_id"] = message[name]
+        self.reply("error", **fields)
+
+    def push(self, text: str) -> None:
+        self.sub.offer(text)
+
+    def _write_loop(self) -> None:
+        queue = self.sub.queue
+        while True:
+            item = queue.get()
+            if self.sub.overflowed:
+                self.ws.close(POLICY, self.sub.overflowed)
+                return
+            if item is None:
+                continue
+            if isinstance(item, str):
+                texts = [item]
+            else:
+                texts = self.render(item)
+            for text in texts:
+                if not self.ws.send(text):
+                    return
+            if isinstance(item, Entry) and item.event in messages.TERMINAL_EVENTS and item.stream != \
+                    self.live.queue.keys.events:
+                self.live.hub.leave(self.sub, item.stream)
+
+    def render(self, entry: Entry) -> list[str]:
+        rendered: list[str] = entry.rendered(self.kind, messages.legacy)
+        return rendered
+
+    # -- incoming -------------------------------------------------------------------------------------------
+    def handle(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            self.error("Binary frames are not supported; send JSON text messages")
+            return
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.error("Invalid message format: expected a JSON object with a \"type\"")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self.error("Invalid message format: expected a JSON object with a \"type\"")
+            return
+        kind = message["type"]
+        handler = self.handlers.get(kind)
+        if handler is None:
+            self.error(f"Unknown {self.kind} message type: {kind}", message,
+                       supported=sorted(self.handlers))
+            return
+        try:
+            handler(message)
+        except ValidationError as exc:
+            self.error(str(exc), message, field=exc.field)
+        except JobNotFound as exc:
+            self.error("Job not found", message, job_id=exc.job_id)
+        except JobFinished as exc:
+            self.error(str(exc), message, job_id=exc.job_id, status=exc.status)
+        except redis.RedisError as exc:
+            log.warning("Redis error on a %s WebSocket message %s: %s", self.kind, kind, exc)
+            self.error("Redis is not reachable; the job queue is unavailable, retry later", message)
+        except Exception:
+            log.exception("unexpected error handling %s message %s", self.kind, kind)
+            self.error(f"Internal error handling {kind}; see the api log", message)
+
+    @staticmethod
+    def job_id(message: dict[str, Any]) -> str:
+        value = message.get("job_id")
+        if not isinstance(value, str) or not value:
+            raise ValidationError("job_id", "required: the id of the job")
+        return value
+
+    def message_id(self, message: dict[str, Any]) -> Any:
+        return message.get("id", message.get("message_id"))
+
+    # -- shared handlers ------------------------------------------------------------------------------------
+    def submit(self, message: dict[str, Any], body: Any) -> str:
+        job_id = self.live.queue.submit(JobSpec.parse(body))
+        self.reply("job_submitted", job_id=job_id, message_id=self.message_id(message),
+                   message="Job submitted successfully")
+        return job_id
+
+    def follow_job(self, job_id: str, after: str | None = None) -> None:
+        """Queue the job's events so far, then its live events (until its terminal event)."""
+        self.live.hub.join(self.sub, self.live.queue.keys.progress(job_id), after, self.sub.put)
+
+    def on_subscribe_progress(self, message: dict[str, Any]) -> None:
+        job_id = self.job_id(message)
+        after = message.get("last_event_id")
+        if after is not None and not (isinstance(after, str) and valid_id(after)):
+            raise ValidationError("last_event_id", "expected a stream entry id such as 1700000000000-0")
+        if not self.live.hub.client.exists(self.live.queue.keys.job(job_id)):
+            raise JobNotFound(job_id)
+        self.reply("subscribed", job_id=job_id, message_id=self.message_id(message))
+        self.follow_job(job_id, after)
+
+    def on_unsubscribe_progress(self, message: dict[str, Any]) -> None:
+        job_id = self.job_id(message)
+        self.live.hub.leave(self.sub, self.live.queue.keys.progress(job_id))
+        self.reply("unsubscribed", job_id=job_id, message_id=self.message_id(message))
+
+    def on_get_job_status(self, message: dict[str, Any]) -> None:
+        job_id = self.job_id(message)
+        self.reply("job_status", job_id=job_id, job=self.live.queue.get(job_id),
+                   message_id=self.message_id(message))
+
+    def on_cancel_job(self, message: dict[str, Any]) -> None:
+        job_id = self.job_id(message)
+        reason = message.get("reason") if isinstance(message.get("reason"), str) else "Job cancelled by user"
+        outcome = self.live.queue.cancel(job_id, reason or "Job cancelled by user")
+        text = ("Job cancelled" if outcome == "cancelled"
+                else "Cancel requested; the worker running the job is stopping it")
+        self.reply("job_cancelled", job_id=job_id, status=outcome, message=text,
+                   message_id=self.message_id(message))
+
+    def on_ping(self, message: dict[str, Any]) -> None:
+        self.reply("pong", message_id=self.message_id(message))
+
+    def common_handlers(self) -> dict[str, Handler]:
+        return {"subscribe_progress": self.on_subscribe_progress,
+                "unsubscribe_progress": self.on_unsubscribe_progress,
+                "get_job_status": self.on_get_job_status, "cancel_job": self.on_cancel_job,
+                "ping": self.on_ping}
+
+
+class LegacySession(Session):
+    """Any path other than /ws/client and /ws/monitor: submit_job with its fields under `data`."""
+
+    kind = "legacy"
+    iso_timestamps = True
+
+    def __init__(self, ws: WebSocket, live: Live):
+        super().__init__(ws, live, str(uuid.uuid4()))
+        self.handlers = {"submit_job": self.on_submit_job, **self.common_handlers()}
+
+    def on_submit_job(self, message: dict[str, Any]) -> None:
+        data = message.get("data")
+        if not isinstance(data, dict):
+            raise ValidationError("data", "required: the job fields (service_required, priority, payload, ...) "
+                                          "under \"data\"")
+        self.submit(message, data)
+
+
+class ClientSession(Session):
+    """/ws/client/{client_id}: top-level submit fields; the jobs it submits push their events to it."""
+
+    kind = "client"
+
+    def __init__(self, ws: WebSocket, live: Live, client_id: str):
+        super().__init__(ws, live, client_id)
+        self.handlers = {"submit_job": self.on_submit_job, "sync_job_state": self.on_get_job_status,
+                         **self.common_handlers()}
+
+    def on_submit_job(self, message: dict[str, Any]) -> None:
+        job_id = self.submit(message, message)
+        self.follow_job(job_id)
+
+    def render(self, entry: Entry) -> list[str]:
+        rendered: list[str] = entry.rendered(self.kind, messages.client)
+        return rendered

@@ -1,0 +1,241 @@
+"""Helpers for live-progress tests: a real gunicorn API on a free port, an SSE reader, WebSocket clients,
+and a fake worker that writes job events through the Lua scripts (fast and deterministic)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import websocket
+
+from appliance.jobs import JobSpec
+from appliance.queue import Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(ROOT / ".venv" / "bin" / "gunicorn")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env_for(redis_url: str) -> dict[str, str]:
+    """An environment for child processes using `redis_url` (like conftest's env_base, for any scope)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "API_", "REDIS", "HUB_"))}
+    env.update(REDIS_URL=redis_url, HUB_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
+    return env
+
+
+@dataclass
+class Api:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def get_json(self, path: str) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, orjson.loads(resp.read())
+        finally:
+            conn.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@contextmanager
+def running_api(env_base: dict[str, str], **extra: str) -> Iterator[Api]:
+    """gunicorn with the appliance API on a free loopback port; stopped (TERM, then KILL) at the end."""
+    port = free_port()
+    env = {**env_base, "API_PORT": str(port), "API_BIND": "127.0.0.1", "API_SSE_KEEPALIVE_SECONDS": "0.5",
+           "API_WS_MAX_MESSAGE_BYTES": "65536", "LOG_LEVEL": "warning", **extra}
+    log = Path(tempfile.mkstemp(prefix="appliance-api-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen([GUNICORN, "--config", "etc/gunicorn.conf.py", "appliance.api.wsgi:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    api = Api(port, proc, log)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if api.get_json("/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"API did not start: {api.log_text()}")
+        time.sleep(0.1)
+    try:
+        yield api
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        log.unlink(missing_ok=True)
+
+
+# -- SSE ----------------------------------------------------------------------------------------------------
+@dataclass
+class Frame:
+    event: str = "message"
+    id: str | None = None
+    data: Any = None
+    comment: str | None = None
+
+
+@dataclass
+class Sse:
+    status: int
+    headers: dict[str, str]
+    body: Any = None
+    frames: list[Frame] = field(default_factory=list)
+    _resp: Any = None
+    _conn: Any = None
+
+    def next(self) -> Frame | None:
+        """The next frame or comment; None at the end of the stream."""
+        frame = Frame()
+        seen = False
+        while True:
+            line = self._resp.readline()
+            if not line:
+                self.close()
+                return frame if seen else None
+            text = line.decode().rstrip("\n")
+            if text == "":
+                if seen:
+                    self.frames.append(frame)
+                    return frame
+                continue
+            seen = True
+            name, _, value = text.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "":
+                frame.comment = value
+            elif name == "event":
+                frame.event = value
+            elif name == "id":
+                frame.id = value
+            elif name == "data":
+                frame.data = orjson.loads(value)
+
+    def events(self, until_end: bool = True) -> list[Frame]:
+        """Every event frame until the stream ends (comments skipped)."""
+        out = []
+        while (frame := self.next()) is not None:
+            if frame.comment is None:
+                out.append(frame)
+        return out
+
+    def close(self) -> None:
+        self._resp.close()
+        self._conn.close()
+
+
+def sse(api: Api, job_id: str, last_event_id: str | None = None, timeout: float = 10) -> Sse:
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=timeout)
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    conn.request("GET", f"/api/jobs/{job_id}/progress", headers=headers)
+    resp = conn.getresponse()
+    out = Sse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, _resp=resp, _conn=conn)
+    if resp.status != 200:
+        out.body = orjson.loads(resp.read())
+        conn.close()
+    return out
+
+
+# -- WebSocket ----------------------------------------------------------------------------------------------
+def ws_connect(api: Api, path: str = "/", timeout: float = 10) -> websocket.WebSocket:
+    return websocket.create_connection(api.ws_url + path, timeout=timeout)
+
+
+def send(ws: websocket.WebSocket, message: dict[str, Any]) -> None:
+    ws.send(orjson.dumps(message).decode())
+
+
+def recv(ws: websocket.WebSocket) -> dict[str, Any]:
+    message: dict[str, Any] = orjson.loads(ws.recv())
+    assert "type" in message and "timestamp" in message, message
+    return message
+
+
+def recv_until(ws: websocket.WebSocket, kind: str, limit: int = 200) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Messages until the first of type `kind`; returns it and everything before it."""
+    before = []
+    for _ in range(limit):
+        message = recv(ws)
+        if message["type"] == kind:
+            return message, before
+        before.append(message)
+    raise AssertionError(f"no {kind} in {limit} messages: {[m['type'] for m in before]}")
+
+
+def close_frame(ws: websocket.WebSocket, limit: int = 1000) -> tuple[int, str]:
+    """Read until the server's close frame; returns its code and reason."""
+    for _ in range(limit):
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return int.from_bytes(data[:2], "big"), data[2:].decode()
+    raise AssertionError("no close frame")
+
+
+# -- a worker that writes through the scripts -------------------------------------------------------------------
+class FakeWorker:
+    """Claims and reports jobs with the real scripts, step by step under the test's control."""
+
+    def __init__(self, queue: Queue, worker_id: str = "w1", register: bool = True):
+        self.queue = queue
+        self.id = worker_id
+        self.attempts: dict[str, str] = {}
+        if register:
+            caps = {"services": ["simulation"], "hardware": {"gpu_model": "RTX 4090", "gpu_memory_gb": 24,
+                                                             "cpu_cores": 16, "gpu_count": 1, "ram_gb": 64}}
+            queue.scripts.register_worker(worker_id, 60, {"capabilities": orjson.dumps(caps).decode(),
+                                                          "services": "simulation"})
+
+    def submit(self, **fields: Any) -> str:
+        return self.queue.submit(JobSpec.parse({"service_required": "simulation", **fields}))
+
+    def claim(self) -> str:
+        result = self.queue.scripts.claim(self.id, [self.queue.keys.pending_service("simulation")], 1, 60000)
+        job = result.jobs[0]
+        self.attempts[job.id] = job.attempt
+        return job.id
+
+    def progress(self, job_id: str, percent: int, message: str = "", step: int = 0, total: int = 4) -> str:
+        return self.queue.scripts.progress(job_id, self.id, self.attempts[job_id], percent, message, step, total)
+
+    def complete(self, job_id: str, result: Any = None) -> None:
+        self.queue.scripts.complete(job_id, self.id, self.attempts[job_id], result or {"ok": True})
+
+    def fail(self, job_id: str, error: str, retryable: bool = False) -> None:
+        self.queue.scripts.fail(job_id, self.id, self.attempts[job_id], error, retryable=retryable, delay_ms=0)
+
+    def stream_ids(self, job_id: str) -> list[str]:
+        return [entry_id for entry_id, _ in self.queue.client.xrange(self.queue.keys.progress(job_id))]

@@ -1,0 +1,140 @@
+"""SSE job progress against a real gunicorn: history replay, live events, Last-Event-ID, terminal close."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from appliance.queue import Queue
+from live_api import Api, FakeWorker, env_for, running_api, sse
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: str) -> Iterator[Api]:
+    with running_api(env_for(redis_server)) as running:
+        yield running
+
+
+def test_late_subscriber_gets_whole_history_then_stream_ends(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit(priority=7)
+    worker.claim()
+    worker.progress(job_id, 25, "one", 1)
+    worker.progress(job_id, 50, "two", 2)
+    worker.complete(job_id, {"images": 2})
+
+    stream = sse(api, job_id)
+    assert stream.status == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    frames = stream.events()
+    assert frames[0].event == "connected" and frames[0].data["job_id"] == job_id and frames[0].id is None
+    events = frames[1:]
+    assert [f.event for f in events] == ["submitted", "assigned", "in_progress", "progress", "progress",
+                                         "completed"]
+    assert [f.id for f in events] == worker.stream_ids(job_id)
+    assert [f.data["progress"] for f in events] == [0, 0, 25, 25, 50, 100]
+    assert events[3].data["message"] == "one" and events[3].data["current_step"] == 1
+    assert events[-1].data["result"] == {"images": 2}
+    assert all(f.data["type"] == f.event and "timestamp" in f.data for f in events)
+
+
+def test_live_events_and_failed_job_ends_stream(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    stream = sse(api, job_id)
+    assert stream.next().event == "connected"
+    assert stream.next().event == "submitted"
+    worker.claim()
+    assert stream.next().event == "assigned"
+    worker.progress(job_id, 10)
+    assert [stream.next().event, stream.next().event] == ["in_progress", "progress"]
+    worker.fail(job_id, "connector exploded", retryable=False)
+    last = stream.next()
+    assert last.event == "failed" and last.data["error"] == "connector exploded"
+    assert last.data["will_retry"] is False
+    assert stream.next() is None
+
+
+def test_retrying_is_not_terminal(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit(max_retries=2)
+    worker.claim()
+    worker.fail(job_id, "flaky", retryable=True)
+    worker.claim()
+    worker.progress(job_id, 50)
+    worker.complete(job_id)
+    names = [f.event for f in sse(api, job_id).events()[1:]]
+    assert names == ["submitted", "assigned", "retrying", "assigned", "in_progress", "progress", "completed"]
+
+
+def test_last_event_id_resumes_exactly_after_it(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    worker.claim()
+    for percent in (20, 40, 60):
+        worker.progress(job_id, percent)
+    ids = worker.stream_ids(job_id)
+    stream = sse(api, job_id, last_event_id=ids[2])
+    assert stream.next().data["resumed_after"] == ids[2]
+    got = [stream.next().id for _ in ids[3:]]
+    assert got == ids[3:]
+    worker.progress(job_id, 80)
+    worker.complete(job_id)
+    rest = stream.events()
+    assert [f.id for f in rest] == worker.stream_ids(job_id)[len(ids):]
+    assert len(set(got + [f.id for f in rest])) == len(worker.stream_ids(job_id)) - 3
+
+
+def test_keepalive_comment_while_idle(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    stream = sse(api, job_id)
+    assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
+    frame = stream.next()             # API_SSE_KEEPALIVE_SECONDS=0.5 in these tests
+    assert frame is not None and frame.comment == "keepalive"
+    stream.close()
+
+
+def test_unknown_job_is_404_envelope_and_bad_last_event_id_400(api: Api, queue: Queue) -> None:
+    stream = sse(api, "no-such-job")
+    assert stream.status == 404
+    assert stream.body["success"] is False and stream.body["error"] == "Job not found"
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    bad = sse(api, job_id, last_event_id="yesterday")
+    assert bad.status == 400 and bad.body["field"] == "Last-Event-ID"
+
+
+def test_subscribers_on_several_processes_all_get_every_event(redis_server: str, queue: Queue) -> None:
+    with running_api(env_for(redis_server), API_PROCESSES="2") as api2:
+        worker = FakeWorker(queue)
+        job_id = worker.submit()
+        streams = [sse(api2, job_id) for _ in range(12)]
+        for stream in streams:
+            assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = api2.get_json("/api/connection-stats")
+            if body["sse_connections"] == 12 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert status == 200 and body["sse_connections"] == 12 and body["total_connections"] >= 12
+        worker.claim()
+        for percent in range(10, 100, 10):
+            worker.progress(job_id, percent)
+        worker.complete(job_id)
+        results: list[list[str | None]] = []
+
+        def read(stream: object) -> None:
+            results.append([f.id for f in stream.events()])  # type: ignore[attr-defined]
+
+        threads = [threading.Thread(target=read, args=(s,)) for s in streams]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        expected = worker.stream_ids(job_id)[1:]
+        assert len(results) == 12 and all(ids == expected for ids in results)
