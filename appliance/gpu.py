@@ -52,7 +52,8 @@ class Discovery:
 
     @property
     def usable(self) -> list[GpuInfo]:
-        return [g for g in self.gpus if g.uuid]
+        """GPUs NVML reads without error: each gets a worker."""
+        return [g for g in self.gpus if g.uuid and not g.error]
 
 
 def discover(nvml: ModuleType | None = None) -> Discovery:

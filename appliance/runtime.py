@@ -164,7 +164,7 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
         return WorkerPlan(programs, f"WORKER_GPU_COUNT=0: running {len(programs)} CPU workers (WORKER_COUNT)")
     found = discover(nvml)
     usable = found.usable
-    skipped = [g for g in found.gpus if not g.uuid]
+    skipped = [g for g in found.gpus if g not in usable]
     if usable:
         chosen = usable if wanted < 0 else usable[:wanted]
         programs = [_gpu_program(n, env, g.uuid, g.index, g.name, g.memory_total_gb, g.uuid)
@@ -172,7 +172,7 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
         owners = ", ".join(f"{p.name}=GPU {g.index} {g.name} {g.uuid}" for p, g in zip(programs, chosen))
         note = f"NVML (driver {found.driver or '?'}) found {len(found.gpus)} GPUs: one worker each ({owners})"
         if skipped:
-            note += "; not usable: " + ", ".join(f"GPU {g.index} ({g.error})" for g in skipped)
+            note += "; not usable: " + ", ".join(f"GPU {g.index} {g.uuid} ({g.error})" for g in skipped)
         if 0 <= len(usable) < wanted:
             note += f"; WORKER_GPU_COUNT={wanted} but only {len(usable)} usable"
         return WorkerPlan(programs, note)
