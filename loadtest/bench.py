@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rq-jobs", type=int, default=4000, help="no-op jobs for RQ's throughput (4000)")
     p.add_argument("--samples", type=int, default=1000, help="submit-to-claim samples (1000)")
     p.add_argument("--in-front", type=int, default=100_000, help="pending jobs of another service (100000)")
+    p.add_argument("--threads", type=int, default=4, help="submitting threads, both sides (4)")
     p.add_argument("--concurrency", type=int, default=32, help="WORKER_MAX_CONCURRENT_JOBS of the two workers")
     p.add_argument("--log-level", default="warning",
-                   help="LOG_LEVEL of the appliance's workers (default warning; RQ runs with -q alike? see notes)")
+                   help="log level of both sides' workers (default warning: no line per job on either side)")
     p.add_argument("--fanout", type=int, default=1000, help="SSE/WebSocket subscribers for the fan-out case")
     p.add_argument("--skip", action="append", default=[], choices=["rq", "throughput", "latency", "claim", "fanout"],
                    help="leave a case out (repeatable)")
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         say("case 1b: RQ SimpleWorker throughput (two workers)")
         try:
-            results["rq"] = run_rq(work, HOME / "var" / "bench" / "rq-venv", args.rq_jobs, 2)
+            results["rq"] = run_rq(work, HOME / "var" / "bench" / "rq-venv", args.rq_jobs, 2, args.threads,
+                                  args.log_level)
             say(f"  RQ: {results['rq']['jobs_per_s']:.0f} jobs/s")
         except Exception as exc:  # RQ is a comparison, not the subject: report and go on
             results["rq_error"] = str(exc)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         queue = Queue(connect(appliance.redis_url), QueueSettings(redis_url=appliance.redis_url))
         if "throughput" not in args.skip:
             say(f"case 1a: appliance throughput, {args.jobs} no-op jobs, two workers")
-            results["throughput"] = bench_cases.throughput(queue, args.jobs)
+            results["throughput"] = bench_cases.throughput(queue, args.jobs, args.threads)
             say(f"  appliance: {results['throughput']['jobs_per_s']:.0f} jobs/s")
         if "latency" not in args.skip:
             say(f"case 2: submit-to-claim for an idle worker, {args.samples} jobs one at a time")
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row("2 submit-to-claim p50/p95/p99 (observed)", fmt(obs, "ms"),
                          f"p50<={GOAL_P50_MS:g}, p99<={GOAL_P99_MS:g} ms", "met" if met else "MISSED"))
         lines.append(row("  same, script clocks (1 ms resolution)", fmt(lat["recorded_ms"], "ms", 1)))
+        lines.append(row("  reference: one PING round trip", fmt(lat["ping_ms"], "ms")))
     claim = results.get("claim")
     if claim:
         lines.append(row("3 claim, nothing else pending p50/p95/p99", fmt(claim["alone_us"], "us", 0)))

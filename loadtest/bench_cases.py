@@ -59,8 +59,9 @@ def _completed(queue: Queue) -> int:
     return int(queue.client.hget(queue.keys.stats, "completed") or 0)
 
 
-def throughput(queue: Queue, jobs: int, service: str = "noop", timeout_s: float = 600) -> dict[str, Any]:
-    """Submit `jobs` no-op jobs in pipelined batches; time until the workers have completed all of them."""
+def throughput(queue: Queue, jobs: int, threads: int = 4, service: str = "noop",
+               timeout_s: float = 600) -> dict[str, Any]:
+    """Submit `jobs` no-op jobs from `threads` threads; time until the workers have completed all of them."""
     warm = min(200, jobs)
     base = _completed(queue)
     submit_many(queue, [JobSpec(service, priority=50) for _ in range(warm)])  # connections, scripts
@@ -68,7 +69,7 @@ def throughput(queue: Queue, jobs: int, service: str = "noop", timeout_s: float 
     base = _completed(queue)
     specs = [JobSpec(service, priority=50, payload={"n": n}) for n in range(jobs)]
     started = time.perf_counter()
-    submit_many(queue, specs)
+    submit_many(queue, specs, threads)
     enqueue_s = time.perf_counter() - started
     _wait_completed(queue, base + jobs, timeout_s, started, jobs)
     total_s = time.perf_counter() - started
@@ -121,7 +122,13 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         if n >= 20:  # the first ones warm up connections and scripts
             observed.append((seen - started) * 1000)
             recorded.append(iso_ms(assigned["updated_at"]) - submitted_ms)
-    return {"samples": samples, "observed_ms": _summary(observed), "recorded_ms": _summary(recorded)}
+    pings = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        client.ping()
+        pings.append((time.perf_counter() - started) * 1000)
+    return {"samples": samples, "observed_ms": _summary(observed), "recorded_ms": _summary(recorded),
+            "ping_ms": _summary(pings)}
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The RQ half of the benchmark. Runs inside RQ's own virtual environment (var/bench/rq-venv), never .venv.
 
-`python rq_side.py URL JOBS WORKERS LOGDIR` starts WORKERS `rq worker -w rq.SimpleWorker` processes on the
-Redis at URL, warms them up, enqueues JOBS no-op jobs one `enqueue` call each (as the appliance side submits),
+`python rq_side.py URL JOBS WORKERS LOGDIR [THREADS [LOG_LEVEL]]` starts WORKERS `rq worker -w rq.SimpleWorker` processes on the
+Redis at URL, warms them up, enqueues JOBS no-op jobs one `enqueue` call each from THREADS threads (as the appliance side submits),
 waits until all are finished, stops the workers and prints one JSON line with the figures.
 It imports nothing from the appliance, so that RQ's dependencies never meet ours.
 """
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 def noop() -> dict[str, bool]:
@@ -27,6 +28,8 @@ def main() -> int:
     from rq.registry import FinishedJobRegistry
 
     url, jobs, workers, logdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    level = sys.argv[6].upper() if len(sys.argv) > 6 else "INFO"
     conn = Redis.from_url(url)
     conn.flushdb()
     queue = Queue("bench", connection=conn)
@@ -38,7 +41,7 @@ def main() -> int:
         log = open(logdir / f"rq-worker{n}.log", "w")
         procs.append(subprocess.Popen(
             [str(rq_cli), "worker", "-w", "rq.worker.SimpleWorker", "-u", url, "-P", here, "-n", f"rq{n}",
-             "bench"], stdout=log, stderr=subprocess.STDOUT))
+             "--logging_level", level, "bench"], stdout=log, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 60
         while Worker.count(connection=conn) < workers:
@@ -49,8 +52,9 @@ def main() -> int:
         def run(count: int) -> tuple[float, float]:
             base = finished.get_job_count(cleanup=False)
             started = time.perf_counter()
-            for _ in range(count):
-                queue.enqueue("rq_side.noop")
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda share: [queue.enqueue("rq_side.noop") for _ in range(share)],
+                              [count // threads + (1 if i < count % threads else 0) for i in range(threads)]))
             enqueued = time.perf_counter() - started
             deadline = time.monotonic() + 600
             while finished.get_job_count(cleanup=False) < base + count:
