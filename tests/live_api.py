@@ -201,6 +201,7 @@ def close_frame(ws: websocket.WebSocket, limit: int = 1000) -> tuple[int, str]:
     for _ in range(limit):
         opcode, data = ws.recv_data(control_frame=True)
         if opcode == websocket.ABNF.OPCODE_CLOSE:
+            ws.shutdown()
             return int.from_bytes(data[:2], "big"), data[2:].decode()
     raise AssertionError("no close frame")
 
