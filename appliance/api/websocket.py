@@ -30,6 +30,19 @@ CLOSE_WAIT_S = 2.0
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, POLICY, TOO_BIG, INTERNAL = 1000, 1001, 1002, 1008, 1009, 1011
 
 
+def text_frame(text: str) -> bytes:
+    """One whole, unmasked server text frame (no extension is negotiated), built once and sent to many."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return head + payload
+
+
 class HandshakeError(Exception):
     """The upgrade request is not a valid WebSocket handshake."""
 
@@ -102,6 +115,17 @@ class WebSocket:
         if not self.open:
             return False
         return self._write(TextMessage(data=text))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Send a whole text frame made by `text_frame` (the same bytes go to every subscriber of an event)."""
+        if not self.open:
+            return False
+        with self._lock:
+            try:
+                self.sock.sendall(frame)
+                return True
+            except OSError:
+                return False
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake (receive() returns None once the peer answers, or after a grace)."""

@@ -48,6 +48,9 @@ class MonitorSession(Session):
         events = self.live.queue.keys.events
         hub.follow(self.sub, events, hub.last_id(events))
 
+    def variant(self) -> str:
+        return f"{self.dialect}:{','.join(sorted(self.topics))}"
+
     def render(self, entry: Entry) -> list[str]:
         if entry.stream != self.live.queue.keys.events:
             return super().render(entry)          # a job this monitor subscribed to with subscribe_progress

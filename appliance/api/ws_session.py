@@ -22,7 +22,7 @@ from appliance import clock
 from appliance.api import messages
 from appliance.api.connections import Registry
 from appliance.api.fanout import Entry, Hub, Subscriber, valid_id
-from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket
+from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket, text_frame
 from appliance.errors import JobFinished, JobNotFound, ValidationError
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
@@ -124,15 +124,23 @@ class Session:
             if item is None:
                 continue
             if isinstance(item, str):
-                texts = [item]
-            else:
-                texts = self.render(item)
-            for text in texts:
-                if not self.ws.send(text):
+                if not self.ws.send(item):
                     return
+            else:
+                frames: list[bytes] = item.rendered(f"{self.kind}:{self.variant()}:frames", self._frames)
+                for frame in frames:
+                    if not self.ws.send_frame(frame):
+                        return
             if isinstance(item, Entry) and item.event in messages.TERMINAL_EVENTS and item.stream != \
                     self.live.queue.keys.events:
                 self.live.hub.leave(self.sub, item.stream)
+
+    def _frames(self, entry: Entry) -> list[bytes]:
+        return [text_frame(text) for text in self.render(entry)]
+
+    def variant(self) -> str:
+        """What, beside the kind, changes how an event renders for this session (the monitor's filter)."""
+        return ""
 
     def render(self, entry: Entry) -> list[str]:
         rendered: list[str] = entry.rendered(self.kind, messages.legacy)
