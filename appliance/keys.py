@@ -133,6 +133,10 @@ class Keys:
         """Jobs of a class that no registered worker can serve; same scores as the claim queues."""
         return f"{self.prefix}jobs:unworkable:{class_id}"
 
+    def job_outputs(self, job_id: str) -> str:
+        """Hash: output file name → JSON {content_type, size, node, data (base64)} of a job's files (ComfyUI)."""
+        return f"{self.prefix}outputs:{job_id}"
+
     # -- workers ------------------------------------------------------------------------------------
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"

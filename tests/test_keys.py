@@ -46,6 +46,7 @@ EXPECTED = {
     "requirement_classes": ("jobs:classes:comfyui", ("comfyui",)),
     "classes_version": ("jobs:classes:version", None),
     "unworkable_class": ("jobs:unworkable:ab12", ("ab12",)),
+    "job_outputs": ("outputs:abc", ("abc",)),
     "fanout_wake": ("api:host:1:wake", ("host:1",)),
     "api_connections": ("api:connections", None),
 }

@@ -6,6 +6,7 @@ import falcon
 
 from appliance.api import errors
 from appliance.api.live import ConnectionStats, LiveApp, LiveServices, create_live
+from appliance.api.outputs import JobOutput
 from appliance.api.resources import Health, JobCollection, JobItem, WorkerCollection
 from appliance.api.sse import JobProgress
 from appliance.api.ws_session import Live
@@ -28,6 +29,7 @@ def create_app(settings: ApiSettings, queue: Queue, live: Live | None = None) ->
     app.add_route("/api/jobs", JobCollection(queue, settings.max_body_bytes))
     app.add_route("/api/jobs/{job_id}", JobItem(queue))
     app.add_route("/api/workers", WorkerCollection(queue))
+    app.add_route("/api/jobs/{job_id}/outputs/{name}", JobOutput(queue))
     if live is not None:
         app.add_route("/api/jobs/{job_id}/progress", JobProgress(live))
         app.add_route("/api/connection-stats", ConnectionStats(live))

@@ -1,0 +1,29 @@
+"""GET /api/jobs/{job_id}/outputs/{name}: download a file a job produced (e.g. a ComfyUI image)."""
+
+from __future__ import annotations
+
+import falcon
+import orjson
+
+from appliance.api.errors import envelope
+from appliance.outputs import OutputStore
+from appliance.queue import Queue
+
+
+class JobOutput:
+    """Serves a job's stored output file with its content type; 404 in the usual envelope if missing."""
+
+    def __init__(self, queue: Queue):
+        self.store = OutputStore(queue.client, queue.keys, queue.settings.completed_ttl_s)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str, name: str) -> None:
+        found = self.store.get(job_id, name)
+        if found is None:
+            resp.status = falcon.HTTP_404
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = orjson.dumps(envelope(f"No output {name!r} for job {job_id} (it may have expired; the "
+                                              "job's result lists its files)", job_id=job_id, name=name))
+            return
+        resp.content_type = found.content_type
+        resp.set_header("Content-Disposition", f'attachment; filename="{found.name}"')
+        resp.data = found.data
