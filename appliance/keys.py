@@ -9,6 +9,7 @@ below through ARGV.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,9 @@ class Keys:
     """Builds key names under an optional prefix."""
 
     prefix: str = ""
+
+    WORKER_JOBS_SUFFIX: ClassVar[str] = ":jobs"
+    WORKER_HEARTBEAT_SUFFIX: ClassVar[str] = ":heartbeat"
 
     # -- jobs ---------------------------------------------------------------------------------------
     def job(self, job_id: str) -> str:
@@ -134,7 +138,7 @@ class Keys:
         return f"{self.prefix}jobs:unworkable:{class_id}"
 
     def job_outputs(self, job_id: str) -> str:
-        """Hash: output file name → JSON {content_type, size, node, data (base64)} of a job's files (ComfyUI)."""
+        """Hash: file name → JSON {content_type, size, node, data (base64)} of a job's output files."""
         return f"{self.prefix}outputs:{job_id}"
 
     # -- workers ------------------------------------------------------------------------------------
@@ -146,11 +150,11 @@ class Keys:
         return f"{self.prefix}worker:"
 
     def worker_heartbeat(self, worker_id: str) -> str:
-        return f"{self.prefix}worker:{worker_id}:heartbeat"
+        return f"{self.prefix}worker:{worker_id}{self.WORKER_HEARTBEAT_SUFFIX}"
 
     def worker_jobs(self, worker_id: str) -> str:
         """Set of the job ids a worker holds right now."""
-        return f"{self.prefix}worker:{worker_id}:jobs"
+        return f"{self.prefix}worker:{worker_id}{self.WORKER_JOBS_SUFFIX}"
 
 
     @property

@@ -20,7 +20,7 @@ from appliance.settings import QueueSettings
 
 SCRIPT_NAMES = (
     "submit_job", "claim_job", "progress_job", "complete_job", "fail_job", "release_job", "cancel_job",
-    "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs",
+    "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs", "recover_jobs",
     "register_class", "mark_unworkable", "revive_unworkable",  # wrapped in appliance/matching.py
 )
 
@@ -53,6 +53,22 @@ class ClaimResult:
 
 
 @dataclass(frozen=True)
+class Beat:
+    """What a heartbeat learned: jobs this worker lost, and jobs whose cancel was requested."""
+
+    lost: list[str]
+    cancel: list[str]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a recovery pass did: jobs whose expired lease it handled, and dead workers it retired."""
+
+    jobs: int
+    dead_workers: list[str]
+
+
+@dataclass(frozen=True)
 class FailResult:
     retrying: bool
     status: str
@@ -73,11 +89,13 @@ class Scripts:
         self._prefixes = [keys.job_prefix, keys.progress_prefix, keys.index_status_prefix,
                           keys.pending_service_prefix, keys.wake_prefix, str(settings.progress_maxlen),
                           str(settings.events_maxlen)]
+        self._fixed_after_now = [settings.completed_ttl_s, settings.failed_ttl_s, keys.worker_prefix,
+                                 keys.WORKER_JOBS_SUFFIX, keys.WORKER_HEARTBEAT_SUFFIX]
 
     def _call(self, name: str, keys: list[str], args: list[Any], now_ms: int | None = None,
               client: Any = None) -> Any:
         ms = clock.now_ms() if now_ms is None else now_ms
-        argv = [*self._prefixes, ms, clock.iso(ms), *args]
+        argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now, *args]
         return self._scripts[name](keys=self._fixed_keys + keys, args=argv, client=client or self.client)
 
     # -- jobs -------------------------------------------------------------------------------------------
@@ -126,18 +144,15 @@ class Scripts:
                  now_ms: int | None = None) -> None:
         k = self.keys
         reply = self._call("complete_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
-                           [job_id, worker_id, attempt, orjson.dumps(result),
-                            self.settings.completed_ttl_s, message or "Job completed"], now_ms)
+                           [job_id, worker_id, attempt, orjson.dumps(result), message or "Job completed"],
+                           now_ms)
         self._held_reply(reply, job_id, worker_id)
 
     def fail(self, job_id: str, worker_id: str, attempt: str, error: str, *, retryable: bool,
              delay_ms: int, final_status: str = "failed", now_ms: int | None = None) -> FailResult:
         k = self.keys
-        ttl = self.settings.failed_ttl_s
-        if final_status == "cancelled":
-            ttl = self.settings.completed_ttl_s
         reply = self._call("fail_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
-                           [job_id, worker_id, attempt, error, 1 if retryable else 0, max(0, delay_ms), ttl,
+                           [job_id, worker_id, attempt, error, 1 if retryable else 0, max(0, delay_ms),
                             final_status], now_ms)
         reply = self._held_reply(reply, job_id, worker_id)
         if reply[0] == "retrying":
@@ -157,12 +172,17 @@ class Scripts:
         Raises JobNotFound, or JobFinished if it already ended.
         """
         reply = self._call("cancel_job", [self.keys.job(job_id)],
-                           [job_id, self.settings.completed_ttl_s, self.keys.cancels, reason], now_ms)
+                           [job_id, self.keys.cancels, reason], now_ms)
         if reply[0] == "not_found":
             raise JobNotFound(job_id)
         if reply[0] == "finished":
             raise JobFinished(job_id, str(reply[1]))
         return str(reply[0])
+
+    def recover(self, limit: int = 100, now_ms: int | None = None) -> Recovery:
+        """Recover jobs whose lease expired and retire workers whose heartbeat expired."""
+        reply = self._call("recover_jobs", [self.keys.workers_active], [limit], now_ms)
+        return Recovery(int(reply[0]), [str(w) for w in reply[1:]])
 
     def prune(self, limit: int = 1000, now_ms: int | None = None) -> int:
         return int(self._call("prune_jobs", [], [limit, self.keys.index_service_prefix], now_ms))
@@ -173,20 +193,26 @@ class Scripts:
         return [k.worker(worker_id), k.worker_heartbeat(worker_id), k.workers_active, k.worker_jobs(worker_id)]
 
     def register_worker(self, worker_id: str, ttl_s: int, fields: dict[str, str],
-                        now_ms: int | None = None) -> None:
+                        now_ms: int | None = None) -> int:
+        """Register a worker; returns how many jobs an earlier process with this id left behind (recovered)."""
         flat = [item for pair in fields.items() for item in pair]
-        self._call("register_worker", self._worker_keys(worker_id)[:3], [worker_id, ttl_s, *flat], now_ms)
+        reply = self._call("register_worker", self._worker_keys(worker_id), [worker_id, ttl_s, *flat], now_ms)
+        return int(reply[1])
 
     def deregister_worker(self, worker_id: str, now_ms: int | None = None) -> int:
         reply = self._call("deregister_worker", self._worker_keys(worker_id), [worker_id], now_ms)
         return int(reply[1])
 
     def heartbeat_worker(self, worker_id: str, ttl_s: int, lease_ms: int, fields: dict[str, str],
-                         now_ms: int | None = None) -> list[str] | None:
-        """Refresh the heartbeat and leases; returns the ids of jobs lost meanwhile, or None if unregistered."""
+                         running: dict[str, str] | None = None, now_ms: int | None = None) -> Beat | None:
+        """Refresh the heartbeat and the leases of `running` (job id → attempt).
+
+        Returns None if the worker is not registered (it must register again).
+        """
         flat = [item for pair in fields.items() for item in pair]
+        jobs = [item for pair in (running or {}).items() for item in pair]
         reply = self._call("heartbeat_worker", self._worker_keys(worker_id),
-                           [worker_id, ttl_s, lease_ms, *flat], now_ms)
+                           [worker_id, ttl_s, lease_ms, len(running or {}), *jobs, *flat], now_ms)
         if reply[0] == "unknown":
             return None
-        return [str(job_id) for job_id in reply[1:]]
+        return Beat([str(j) for j in reply[1]], [str(j) for j in reply[2]])

@@ -103,6 +103,8 @@ class Env:
 
     def redis_url(self, name: str, *fallbacks: str) -> str:
         value = self.str(name, DEFAULT_REDIS_URL, *fallbacks)
+        # name the variable the value came from (a worker may read REDIS_URL in place of HUB_REDIS_URL)
+        name = next((key for key in (name, *fallbacks) if self.raw(key) is not None), name)
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(f"{name}={redact_url(value)!r}: expected a redis://, rediss:// or unix:// URL")
@@ -134,7 +136,7 @@ class QueueSettings:
     events_maxlen: int = 10000
     completed_ttl_s: int = 86400
     failed_ttl_s: int = 7 * 86400
-    lease_ms: int = 20000
+    lease_ms: int = 15000
     retry_base_ms: int = 1000
     retry_max_ms: int = 60000
     log_level: str = "info"
@@ -154,7 +156,7 @@ class QueueSettings:
             events_maxlen=e.int("EVENTS_STREAM_MAXLEN", 10000, 100, 10_000_000),
             completed_ttl_s=e.int("JOB_COMPLETED_TTL_SECONDS", 86400, 1, 10 * 365 * 86400),
             failed_ttl_s=e.int("JOB_FAILED_TTL_SECONDS", 7 * 86400, 1, 10 * 365 * 86400),
-            lease_ms=e.int("WORKER_LEASE_MS", 20000, 1000, 3_600_000),
+            lease_ms=e.int("WORKER_LEASE_MS", 15000, 1000, 3_600_000),
             retry_base_ms=e.int("JOB_RETRY_BASE_MS", 1000, 0, 3_600_000),
             retry_max_ms=e.int("JOB_RETRY_MAX_MS", 60000, 0, 86_400_000),
             log_level=e.choice("LOG_LEVEL", "info", LOG_LEVELS),

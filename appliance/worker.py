@@ -27,14 +27,15 @@ from appliance.classes import ClaimPlanner, ClassBook
 from appliance.connector import Connector, ConnectorError, JobContext, JobStopped
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
-from appliance.scripts import Claimed, Scripts
 from appliance.matching import WorkerProfile
+from appliance.scripts import Claimed, Scripts
 from appliance.settings import WorkerSettings
 from appliance.telemetry import HostSampler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_GRACE_S = 5.0
+BACKLOG_MAX = 100
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Running:
     context: JobContext
     greenlet: gevent.Greenlet | None = None
     started_ms: int = field(default_factory=clock.now_ms)
+    backlog: list[tuple[int, str, int | str, int | str]] = field(default_factory=list)
 
 
 class Worker:
@@ -112,9 +114,11 @@ class Worker:
             "last_heartbeat_ms": str(clock.now_ms()),
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
         }
-        self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields)
+        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields)
         log.info("worker registered id=%s services=%s max_concurrent=%d", self.id, ",".join(self.services),
                  self.settings.max_concurrent_jobs)
+        if orphans:
+            log.warning("recovered %d jobs an earlier process of worker %s left running", orphans, self.id)
 
     def run(self) -> None:
         """Register, then claim and run jobs until told to stop; hand back what is left; deregister."""
@@ -239,6 +243,14 @@ class Worker:
         outcome = runner.value if runner.successful() else None
         finished = isinstance(outcome, Outcome) and outcome.error is None
         error = outcome.error if isinstance(outcome, Outcome) else None
+        if finished:
+            try:  # a result that cannot be stored fails the job (else it stays held forever)
+                orjson.dumps(outcome.value)
+            except TypeError as exc:
+                finished, error = False, ConnectorError(f"result is not JSON-serialisable: {exc}", retryable=False)
+        if reason != "lost":
+            self._flush_progress(job, persist=True)
+            reason = context.stop_reason
         try:
             if reason == "lost":
                 log.warning("job lost id=%s: another worker holds it now; its outcome is dropped", job_id)
@@ -279,14 +291,31 @@ class Worker:
         return int(step * random.uniform(0.5, 1.0))
 
     def _report(self, claimed: Claimed, percent: int, message: str, step: int | str, total: int | str) -> None:
+        """Write a progress step; while Redis is down, hold steps (the latest BACKLOG_MAX) to deliver later."""
         job = self.running.get(claimed.id)
-        try:
-            self.scripts.progress(claimed.id, self.id, claimed.attempt, percent, message, step, total)
-        except (JobLost, JobNotFound):
-            if job is not None:
+        if job is None:
+            return
+        job.backlog.append((percent, message, step, total))
+        del job.backlog[:-BACKLOG_MAX]
+        self._flush_progress(job, persist=False)
+
+    def _flush_progress(self, job: Running, *, persist: bool) -> None:
+        claimed = job.claimed
+        while job.backlog:
+            percent, message, step, total = job.backlog[0]
+            write = lambda: self.scripts.progress(claimed.id, self.id, claimed.attempt,  # noqa: E731
+                                                  percent, message, step, total)
+            try:
+                self._persist(write) if persist else write()
+            except (JobLost, JobNotFound):
+                job.backlog.clear()
                 job.context.stop("lost")
-        except redis.RedisError as exc:
-            log.warning("progress not recorded id=%s: %s", claimed.id, exc)
+                return
+            except redis.RedisError as exc:
+                log.warning("progress held until Redis is back id=%s (%d steps held): %s", claimed.id,
+                            len(job.backlog), exc)
+                return
+            job.backlog.pop(0)
 
     def stop_job(self, job_id: str, reason: str) -> bool:
         job = self.running.get(job_id)
@@ -305,14 +334,21 @@ class Worker:
             "services": ",".join(s for s in self.services if self.by_service[s].healthy()),
             "last_heartbeat_ms": str(ms),
         }
-        lost = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
-                                             fields, now_ms)
-        if lost is None:
+        running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
+        beat = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
+                                             fields, running, now_ms)
+        if beat is None:
             log.warning("worker record missing (Redis restarted or flushed?): registering again")
             self.register()
             return
-        for job_id in lost:
+        for job_id in beat.lost:
             self.stop_job(job_id, "lost")
+        for job_id in beat.cancel:
+            self.stop_job(job_id, "cancel")
+        recovery = self.scripts.recover(now_ms=now_ms)
+        if recovery.jobs or recovery.dead_workers:
+            log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,
+                        ",".join(recovery.dead_workers) or "none")
 
     def beat_interval_s(self) -> float:
         return min(self.settings.heartbeat_interval_ms, self.settings.queue.lease_ms / 3) / 1000

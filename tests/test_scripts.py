@@ -374,6 +374,34 @@ def test_stale_worker_updates_are_refused(queue: Queue, client: redis.Redis) -> 
         queue.scripts.complete("nope", "w2", "1", {}, now_ms=T0)
 
 
+def test_expired_lease_is_recovered_and_the_stale_holder_refused(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    submit(queue, "j1", max_retries=1)
+    stale = claim(queue, worker_id="w1").jobs[0]
+    assert client.zscore(k.leases, "j1") == T0 + LEASE_MS
+    assert queue.scripts.recover(now_ms=T0 + LEASE_MS - 1).jobs == 0
+    assert client.hget(k.job("j1"), "status") == "assigned"
+    assert queue.scripts.recover(now_ms=T0 + LEASE_MS).jobs == 1
+    record = client.hgetall(k.job("j1"))
+    assert record["status"] == "pending" and record["retry_count"] == "1" and record["last_failed_worker"] == "w1"
+    assert client.zrevrange(k.pending, 0, -1) == ["j1"]
+    fresh = claim(queue, worker_id="w2", now_ms=T0 + LEASE_MS).jobs[0]
+    assert fresh.attempt == "2"
+    # the stale holder learns it lost the job at its next heartbeat, and its writes are refused
+    queue.scripts.register_worker("w1", 30, {}, now_ms=T0)
+    beat = queue.scripts.heartbeat_worker("w1", 30, LEASE_MS, {}, {"j1": stale.attempt}, now_ms=T0 + LEASE_MS + 1)
+    assert beat is not None and beat.lost == ["j1"]
+    with pytest.raises(JobLost):
+        queue.scripts.progress("j1", "w1", stale.attempt, 50, now_ms=T0 + LEASE_MS)
+    with pytest.raises(JobLost):
+        queue.scripts.complete("j1", "w1", stale.attempt, {"late": True}, now_ms=T0 + LEASE_MS)
+    assert client.hget(k.job("j1"), "worker_id") == "w2"
+    # no retries left: the next expiry ends the job
+    assert queue.scripts.recover(now_ms=T0 + 3 * LEASE_MS).jobs == 1
+    record = client.hgetall(k.job("j1"))
+    assert record["status"] == "failed" and "worker lost" in record["error"]
+
+
 def test_progress_then_complete(queue: Queue, client: redis.Redis) -> None:
     k = queue.keys
     submit(queue, "j1")

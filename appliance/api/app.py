@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from appliance.api import errors
+from appliance.api.janitor import Janitor
 from appliance.api.live import ConnectionStats, LiveApp, LiveServices, create_live
 from appliance.api.outputs import JobOutput
 from appliance.api.resources import Health, JobCollection, JobItem, WorkerCollection
@@ -39,8 +40,9 @@ def create_app(settings: ApiSettings, queue: Queue, live: Live | None = None) ->
 def get_app(settings: ApiSettings | None = None) -> LiveApp:
     """The WSGI app gunicorn serves: Falcon for HTTP and SSE, WebSocket upgrades on any path."""
     settings = settings or ApiSettings.from_env()
-    client = connect(settings.queue.redis_url, max_connections=64)
+    client = connect(settings.queue.redis_url, max_connections=64, timeout_s=1.0)
     queue = Queue(client, settings.queue)
+    Janitor(queue).start()
     live = create_live(settings, queue)
     services = LiveServices(live)
     services.start()

@@ -12,6 +12,9 @@
 -- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service claim queues
 -- ARGV[5] prefix of per-service wake channels      ARGV[6] progress stream MAXLEN (approximate)
 -- ARGV[7] events stream MAXLEN (approximate)       ARGV[8] now (epoch ms)   ARGV[9] now (ISO 8601)
+-- ARGV[10] retention of completed and cancelled jobs (s)   ARGV[11] retention of failed jobs (s)
+-- ARGV[12] prefix of worker hashes ("worker:")   ARGV[13] suffix of a worker's job set (":jobs")
+-- ARGV[14] suffix of a worker's heartbeat key (":heartbeat")
 -- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
 -- appliance/keys.py like every other name.
 local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
@@ -19,7 +22,9 @@ local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
 local P_JOB, P_PROGRESS, P_STATUS, P_PENDING_SVC, P_WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local PROGRESS_MAXLEN, EVENTS_MAXLEN = ARGV[6], ARGV[7]
 local NOW_MS, NOW_ISO = tonumber(ARGV[8]), ARGV[9]
-local FIRST_ARG, FIRST_KEY = 10, 8
+local TTL_DONE, TTL_FAILED = tonumber(ARGV[10]), tonumber(ARGV[11])
+local P_WORKER, S_WORKER_JOBS, S_HEARTBEAT = ARGV[12], ARGV[13], ARGV[14]
+local FIRST_ARG, FIRST_KEY = 15, 8
 
 local ACTIVE = { assigned = true, in_progress = true }
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
@@ -58,7 +63,9 @@ local function dequeue(job_id, queue)
 end
 
 -- Bookkeeping for a job that reached a terminal status: each of its keys expires on its own.
-local function retire(job_id, status, service, ttl_s)
+local function retire(job_id, status, service)
+  local ttl_s = TTL_FAILED
+  if status == 'completed' or status == 'cancelled' then ttl_s = TTL_DONE end
   redis.call('ZREM', K_LEASES, job_id)
   redis.call('EXPIRE', P_JOB .. job_id, ttl_s)
   redis.call('EXPIRE', P_PROGRESS .. job_id, ttl_s)
@@ -94,4 +101,46 @@ end
 -- Add one to a counter on a worker's hash, if the worker is still registered.
 local function count(worker_key, field)
   if redis.call('EXISTS', worker_key) == 1 then redis.call('HINCRBY', worker_key, field, 1) end
+end
+
+-- Jobs whose lease ran out (their worker died or lost Redis for longer than the lease): each goes back in
+-- line at its priority and place, counting a retry and recording last_failed_worker; past max_retries it
+-- ends failed ("worker lost"); one whose cancel was requested ends cancelled. Returns how many.
+local function recover_expired(limit)
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_MS, 'LIMIT', 0, limit)
+  for _, job_id in ipairs(expired) do
+    redis.call('ZREM', K_LEASES, job_id)
+    local job_key = P_JOB .. job_id
+    local j = redis.call('HMGET', job_key, 'status', 'worker_id', 'seq', 'service_required', 'score',
+      'retry_count', 'max_retries', 'queue', 'cancel_requested')
+    local status, worker_id, seq, service = j[1], j[2], j[3], j[4]
+    if ACTIVE[status] then
+      -- the job stays in the old holder's set: its next heartbeat finds it gone and reports it lost
+      local retries, max_retries = tonumber(j[6]) or 0, tonumber(j[7]) or 0
+      if j[9] and j[9] ~= '' then
+        set_status(job_id, status, 'cancelled', seq)
+        redis.call('HSET', job_key, 'error', 'Job cancelled by user', 'cancelled_at', NOW_ISO)
+        emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'worker_id', worker_id,
+          'error', 'Job cancelled by user', 'message', 'Job cancelled by user' })
+        retire(job_id, 'cancelled', service)
+      elseif retries < max_retries then
+        local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease'
+        set_status(job_id, status, 'pending', seq)
+        redis.call('HSET', job_key, 'retry_count', retries + 1, 'last_failed_worker', worker_id, 'worker_id', '',
+          'error', err, 'failed_at', NOW_ISO, 'progress', 0)
+        emit(job_id, { 'event', 'retrying', 'status', 'retrying', 'worker_id', worker_id, 'error', err,
+          'message', err, 'retry_count', retries + 1, 'max_retries', max_retries, 'will_retry', 'true',
+          'retry_at', NOW_MS })
+        enqueue(job_id, service, j[8], j[5])
+      else
+        local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease, and no retries are left'
+        set_status(job_id, status, 'failed', seq)
+        redis.call('HSET', job_key, 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id)
+        emit(job_id, { 'event', 'failed', 'status', 'failed', 'worker_id', worker_id, 'error', err,
+          'message', err, 'retry_count', retries, 'will_retry', 'false', 'failed_at', NOW_ISO })
+        retire(job_id, 'failed', service)
+      end
+    end
+  end
+  return #expired
 end

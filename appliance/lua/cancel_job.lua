@@ -1,10 +1,9 @@
 -- cancel_job: cancel a job. A pending job ends at once; a running one is flagged and its worker is told.
 -- KEYS[8] job:{id}
--- ARGV[10] job id   ARGV[11] retention (s)   ARGV[12] cancel channel (workers filter by worker id)
--- ARGV[13] reason
+-- ARGV[15] job id   ARGV[16] cancel channel (workers filter by worker id)   ARGV[17] reason
 -- Returns {"cancelled"} | {"cancelling", worker_id} | {"finished", status} | {"not_found"}.
-local job_key, job_id, ttl_s = KEYS[FIRST_KEY], ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1])
-local cancel_channel, reason = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3]
+local job_key, job_id = KEYS[FIRST_KEY], ARGV[FIRST_ARG]
+local cancel_channel, reason = ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local job = redis.call('HMGET', job_key, 'status', 'seq', 'service_required', 'worker_id', 'queue')
 local status, seq, service, worker_id, queue = job[1], job[2], job[3], job[4], job[5]
 if not status then return { 'not_found' } end
@@ -18,5 +17,5 @@ dequeue(job_id, queue)
 set_status(job_id, status, 'cancelled', seq)
 redis.call('HSET', job_key, 'error', reason, 'cancelled_at', NOW_ISO)
 emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'error', reason, 'message', reason })
-retire(job_id, 'cancelled', service, ttl_s)
+retire(job_id, 'cancelled', service)
 return { 'cancelled' }

@@ -2,13 +2,15 @@
 -- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds
 -- KEYS[9]   worker:{id}                worker hash (status, current job)
 -- KEYS[10..] claim queues               every queue (service, requirement class) the worker can serve
--- ARGV[10] worker id   ARGV[11] how many jobs to take at most   ARGV[12] lease (ms)
--- Due retries in jobs:delayed are first put back in line at their own score. Only the heads of the
+-- ARGV[15] worker id   ARGV[16] how many jobs to take at most   ARGV[17] lease (ms)
+-- Jobs whose lease expired are first recovered (see recover_expired), and due retries in jobs:delayed are
+-- put back in line at their own score. Only the heads of the
 -- worker's own queues are read: pending jobs it cannot serve cost nothing.
 -- Returns {next_due_ms or -1, job1_fields, job2_fields, ...} where each jobN_fields is HGETALL's list.
 local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
 
+recover_expired(20)
 local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_MS, 'LIMIT', 0, 100)
 for _, job_id in ipairs(due) do
   local job = redis.call('HMGET', P_JOB .. job_id, 'service_required', 'score', 'status', 'queue')

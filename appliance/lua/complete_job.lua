@@ -1,10 +1,9 @@
 -- complete_job: finish a job with its result (refused unless the caller still holds it).
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[10] job id  ARGV[11] worker id  ARGV[12] attempt  ARGV[13] result (JSON)  ARGV[14] retention (s)
--- ARGV[15] message
+-- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] result (JSON)  ARGV[19] message
 -- Returns {"ok"} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
-local result, ttl_s, message = ARGV[FIRST_ARG + 3], tonumber(ARGV[FIRST_ARG + 4]), ARGV[FIRST_ARG + 5]
+local result, message = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
 local job, why = held(job_id, worker_id, attempt)
 if not job then
   if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
@@ -20,5 +19,5 @@ unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
 count(KEYS[FIRST_KEY + 1], 'total_jobs_completed')
 emit(job_id, { 'event', 'completed', 'status', 'completed', 'worker_id', worker_id, 'progress', 100,
   'message', message, 'result', result, 'completed_at', NOW_ISO })
-retire(job_id, 'completed', job.service, ttl_s)
+retire(job_id, 'completed', job.service)
 return { 'ok' }

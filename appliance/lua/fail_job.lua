@@ -1,14 +1,13 @@
 -- fail_job: record a failed attempt; retry it later (keeping its priority and place) or end it.
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[10] job id  ARGV[11] worker id  ARGV[12] attempt  ARGV[13] error message
--- ARGV[14] 1 if the failure may be retried, else 0   ARGV[15] retry delay (ms, backoff with jitter)
--- ARGV[16] retention (s) if it ends here   ARGV[17] terminal status if it ends: failed, timeout, cancelled
+-- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] error message
+-- ARGV[19] 1 if the failure may be retried, else 0   ARGV[20] retry delay (ms, backoff with jitter)
+-- ARGV[21] terminal status if it ends: failed, timeout, cancelled
 -- A retry happens while retry_count < max_retries; it counts one retry and records last_failed_worker.
 -- Returns {"retrying", retry_count, due_ms} or {"ended", status} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local err, retryable = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4] == '1'
-local delay_ms, ttl_s = tonumber(ARGV[FIRST_ARG + 5]), tonumber(ARGV[FIRST_ARG + 6])
-local final = ARGV[FIRST_ARG + 7]
+local delay_ms, final = tonumber(ARGV[FIRST_ARG + 5]), ARGV[FIRST_ARG + 6]
 local job, why = held(job_id, worker_id, attempt)
 if not job then
   if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
@@ -40,5 +39,5 @@ if final == 'failed' or final == 'timeout' then
 end
 emit(job_id, { 'event', final, 'status', final, 'worker_id', worker_id, 'error', err, 'message', err,
   'retry_count', job.retry_count, 'will_retry', 'false', 'failed_at', NOW_ISO })
-retire(job_id, final, job.service, ttl_s)
+retire(job_id, final, job.service)
 return { 'ended', final }

@@ -4,8 +4,8 @@
 -- KEYS[10] jobs:seq                   counter
 -- KEYS[11] jobs:index:service:{svc}   zset
 -- KEYS[12] jobs:services              set of every service ever submitted
--- ARGV[10] job id   ARGV[11] service   ARGV[12] priority (integer 0..1000000)
--- ARGV[13..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- ARGV[15] job id   ARGV[16] service   ARGV[17] priority (integer 0..1000000)
+-- ARGV[18..] field, value pairs for the job hash (payload, requirements, ... already encoded)
 -- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
 -- (the largest score, about 8.6e15, stays below 2^53).
 -- Returns {"ok", seq} or {"exists"}.
