@@ -36,12 +36,14 @@ class ClassBook:
         self._workers: dict[str, dict[str, Any]] = {}
         self._workers_at = -WORKERS_CACHE_S
 
-    def for_job(self, service: str, requirements: dict[str, Any], customer_id: str) -> RequirementClass | None:
+    def for_job(self, service: str, requirements: dict[str, Any],
+                customer_id: str) -> RequirementClass | None:
         """The class of a job with these canonical requirements; None for its service's plain queue."""
         cid = class_id(service, requirements, customer_id)
         if cid is None:
             return None
-        return RequirementClass(cid, service, requirements, customer_id, self.keys.pending_class(service, cid))
+        queue = self.keys.pending_class(service, cid)
+        return RequirementClass(cid, service, requirements, customer_id, queue)
 
     def register(self, job_class: RequirementClass) -> bool:
         """Record the class (idempotent); True if it is new."""
@@ -77,16 +79,16 @@ class ClassBook:
             if int(left) == 0:  # each call takes its batch off the queue, so this ends
                 break
         if total:
-            log.warning("jobs unworkable class=%s service=%s count=%d reason=%s", job_class.id, job_class.service,
-                        total, reason)
+            log.warning("jobs unworkable class=%s service=%s count=%d reason=%s", job_class.id,
+                        job_class.service, total, reason)
         return total
 
     def revive(self, job_class: RequirementClass, message: str) -> int:
         """Put the class's unworkable jobs back in line; returns how many."""
         total = 0
         while True:
-            revived, left = self.scripts._call("revive_unworkable", [self.keys.unworkable_class(job_class.id)],
-                                               [message, MOVE_BATCH])
+            keys = [self.keys.unworkable_class(job_class.id)]
+            revived, left = self.scripts._call("revive_unworkable", keys, [message, MOVE_BATCH])
             total += int(revived)
             if int(left) == 0:
                 break
@@ -116,7 +118,7 @@ class ClassBook:
 
     @staticmethod
     def judge(job_class: RequirementClass, workers: dict[str, dict[str, Any]]) -> str | None:
-        """Why no registered worker could ever serve the class, or None (also None when none is registered)."""
+        """Why no registered worker could ever serve the class; None if one can, or none is registered."""
         if not workers:
             return None
         reasons = []
@@ -172,7 +174,7 @@ class ClaimPlanner:
 
     def queues(self, services: list[str], capabilities: Callable[[], dict[str, Any]],
                telemetry: dict[str, Any] | None) -> list[str]:
-        """The claim queues to read now; refreshed when a class appears, telemetry changes or after a while."""
+        """The claim queues to read now; refreshed on a new class, new telemetry, or after `refresh_s`."""
         key = (self.book.version(), tuple(services), id(telemetry))
         now = time.monotonic()
         if key == self._key and now - self._at < self.refresh_s:

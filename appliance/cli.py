@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,11 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from appliance.drill import run_drill
 from appliance.queue import Queue
 from appliance.redis_conn import connect
-from appliance.runtime import (HOME, Paths, plan_redis, read_env_file, redis_server_binary, run_paths, venv_dir,
-                               worker_programs, workers_conf, write_atomic)
+from appliance.runtime import (HOME, Paths, plan_redis, read_env_file, redis_server_binary, run_paths,
+                               venv_dir, worker_programs, workers_conf, write_atomic)
 from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
 
 START_TIMEOUT_S = 90
@@ -102,6 +104,8 @@ def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
     subprocess.run([str(venv_dir() / "bin" / "supervisord"), "-c", str(HOME / "etc" / "supervisord.conf")],
                    env=env, check=True)
     url = api_url(env)
+    write_atomic(paths.run_dir / "appliance.json",
+                 json.dumps({"redis_url": plan.url, "api_url": url, "embedded_redis": plan.embedded}))
     wait_until_ready(paths, env, url, len(programs))
     say(f"ready: API at {url} (WebSocket on the same port); logs in {paths.logs}")
     print(f"  try: curl -X POST {url}/api/jobs -H 'Content-Type: application/json' "
@@ -176,8 +180,8 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
             continue
         print(f"{name:<22} {info['statename']:<9} {info['description']}")
     try:
-        queue = Queue(connect(env.get("REDIS_URL") or QueueSettings.from_env(env).redis_url),
-                      QueueSettings.from_env(env))
+        redis_url = running_settings(paths, env)["redis_url"]
+        queue = Queue(connect(redis_url), QueueSettings.from_env({**env, "REDIS_URL": redis_url}))
         counts = queue.counts()
         print(f"\nqueue: {queue.depth()} pending in line; " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         workers = queue.workers()
@@ -245,6 +249,24 @@ def cmd_logs(env: dict[str, str], args: argparse.Namespace) -> int:
     return subprocess.run(cmd).returncode
 
 
+def running_settings(paths: Paths, env: Mapping[str, str]) -> dict[str, str]:
+    """What `start` recorded about the running appliance (Redis URL, API URL), else from the environment."""
+    recorded = paths.run_dir / "appliance.json"
+    if recorded.exists():
+        return dict(json.loads(recorded.read_text()))
+    return {"redis_url": QueueSettings.from_env(env).redis_url, "api_url": api_url(env)}
+
+
+def cmd_drill(env: dict[str, str], args: argparse.Namespace) -> int:
+    paths = run_paths(env)
+    if supervisord_pid(paths) is None:
+        raise CliError("not running; start it with `bin/appliance start`, then run the drill")
+    running = running_settings(paths, env)
+    queue = Queue(connect(running["redis_url"]), QueueSettings.from_env({**env, "REDIS_URL": running["redis_url"]}))
+    lost = run_drill(running["api_url"], queue, rpc(paths), say)
+    return 0 if lost == 0 else 1
+
+
 def cmd_ctl(env: dict[str, str], args: argparse.Namespace) -> int:
     return supervisorctl(run_paths(env), *args.argv)
 
@@ -261,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("program", nargs="?")
     logs.add_argument("-n", "--lines", type=int, default=50)
     logs.add_argument("--no-follow", dest="follow", action="store_false")
+    sub.add_parser("drill", help="the guide's resilience scenario: kill a worker mid-job, check nothing is lost")
     ctl = sub.add_parser("ctl", help="run supervisorctl with these arguments")
     ctl.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     commands = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
-                "logs": cmd_logs, "ctl": cmd_ctl}
+                "logs": cmd_logs, "ctl": cmd_ctl, "drill": cmd_drill}
     try:
         return commands[args.command](environment(), args)
     except SettingsError as exc:

@@ -97,8 +97,8 @@ def _parse_group(group: dict[str, Any], where: str) -> dict[str, Any]:
         elif "." in key:
             segments = key.split(".")
             if len(segments) > 8 or not all(_SEGMENT.match(s) for s in segments):
-                raise ValidationError(name, "a custom capability is a dot path of at most 8 names of letters, "
-                                             "digits, '_' or '-'")
+                raise ValidationError(name, "a custom capability is a dot path of at most 8 names of "
+                                            "letters, digits, '_' or '-'")
             parsed[key] = _custom_value(value, name)
         else:
             raise ValidationError(name, "unknown requirement; expected one of " + ", ".join(KINDS + GROUPS)
@@ -192,7 +192,8 @@ def mismatch(service: str, requirements: dict[str, Any], customer_id: str, capab
     return None
 
 
-def _unmet(kind: str, want: Any, service: str, caps: dict[str, Any], live: dict[str, Any] | None) -> str | None:
+def _unmet(kind: str, want: Any, service: str, caps: dict[str, Any],
+           live: dict[str, Any] | None) -> str | None:
     hardware = caps.get("hardware") or {}
     if kind == "gpu_memory_free_gb":
         if live is None:

@@ -180,8 +180,8 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
     if wanted > 0:
         model, memory = e.str("WORKER_GPU_MODEL", ""), e.float("WORKER_GPU_MEMORY_GB", 0.0, 0, 100_000)
         programs = [_gpu_program(n, env, str(n - 1), n - 1, model, memory, "") for n in range(1, wanted + 1)]
-        return WorkerPlan(programs, f"{why}: WORKER_GPU_COUNT={wanted} describes the GPUs by hand, one worker "
-                                    "each pinned by CUDA index (CUDA_VISIBLE_DEVICES=0, 1, ...)")
+        return WorkerPlan(programs, f"{why}: WORKER_GPU_COUNT={wanted} describes the GPUs by hand, one "
+                                    "worker each pinned by CUDA index (CUDA_VISIBLE_DEVICES=0, 1, ...)")
     programs = cpu_worker_programs(env)
     return WorkerPlan(programs, f"no NVIDIA GPU ({why}): running {len(programs)} CPU workers (WORKER_COUNT)")
 

@@ -1,4 +1,4 @@
-"""Figures for worker heartbeats: the host's from psutil, and the worker's own GPU's from NVML (appliance.gpu)."""
+"""Figures for worker heartbeats: the host's from psutil, and its own GPU's from NVML (appliance.gpu)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ComfyUI connector: runs a job's API-format workflow on a worker-local ComfyUI and follows it to the end.
+"""The ComfyUI connector: runs a job's API-format workflow on the worker's ComfyUI and follows it to the end.
 
 Protocol facts: ../shared/reference/comfyui-protocol.md. The socket is opened with `?clientId=<ours>` before
 `POST /prompt` with the same `client_id` and a `prompt_id` we choose, and only that prompt's events count.
@@ -49,7 +49,8 @@ class Http:
     def __init__(self, base: str, auth_header: str, timeout_s: float):
         self.base, self.auth_header, self.timeout_s = base, auth_header, timeout_s
 
-    def call(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> tuple[int, bytes]:
+    def call(self, method: str, path: str, body: Any = None,
+             timeout_s: float | None = None) -> tuple[int, bytes]:
         """(status, body); raises OSError when ComfyUI cannot be reached."""
         data = orjson.dumps(body) if body is not None else None
         request = urllib.request.Request(self.base + path, data=data, method=method)
@@ -159,8 +160,8 @@ class ComfyUIConnector(Connector):
                 f"ComfyUI node {data.get('node_id')} ({data.get('node_type')}) raised "
                 f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()}",
                 retryable="OutOfMemory" in str(data.get("exception_type", "")),
-                details={k: data.get(k) for k in ("node_id", "node_type", "exception_type", "exception_message",
-                                                  "traceback", "executed")})
+                details={k: data.get(k) for k in ("node_id", "node_type", "exception_type",
+                                                  "exception_message", "traceback", "executed")})
         if kind == "execution_interrupted":
             if job.stop_reason:
                 raise JobStopped(job.stop_reason)
@@ -190,7 +191,8 @@ class ComfyUIConnector(Connector):
             error = reply.get("error") or {}
             node_errors = reply.get("node_errors") or {}
             detail = "; ".join(f"node {n} ({e.get('class_type')}): " + ", ".join(
-                f"{x.get('message')} ({x.get('details')})" for x in e.get("errors", [])) for n, e in node_errors.items())
+                f"{x.get('message')} ({x.get('details')})" for x in e.get("errors", []))
+                for n, e in node_errors.items())
             message = f"ComfyUI refused the workflow: {error.get('message', raw[:200])}"
             message += f" {error.get('details')}".rstrip() if error.get("details") else ""
             raise ConnectorError(message + (f" [{detail}]" if detail else ""), retryable=False,
@@ -243,10 +245,12 @@ class ComfyUIConnector(Connector):
                     files.append(OutputFile(name, content_type, data, node_id))
                     listed.append({"name": name, "node": node_id, "kind": kind, "filename": item["filename"],
                                    "subfolder": item.get("subfolder", ""), "type": item.get("type", "output"),
-                                   "content_type": content_type, "size": len(data), "url": output_url(job.id, name)})
+                                   "content_type": content_type, "size": len(data),
+                                   "url": output_url(job.id, name)})
         self.outputs.put(job.id, files)
         job.progress(100, "ComfyUI workflow finished", len(follow.done), len(follow.workflow))
-        return {"prompt_id": prompt_id, "status": ((entry or {}).get("status") or {}).get("status_str", "success"),
+        status = ((entry or {}).get("status") or {}).get("status_str", "success")
+        return {"prompt_id": prompt_id, "status": status,
                 "outputs": outputs, "files": listed, "cached_nodes": follow.cached,
                 "execution_time_ms": elapsed_ms}
 
@@ -298,7 +302,8 @@ class Follow:
             if time.monotonic() > deadline and not self.stopping:
                 self.c.stop_prompt(self.prompt_id)
                 raise ConnectorError(f"ComfyUI workflow did not finish within "
-                                     f"{self.c.workflow_timeout_s:g}s (WORKER_COMFYUI_WORKFLOW_TIMEOUT_SECONDS)")
+                                     f"{self.c.workflow_timeout_s:g}s "
+                                     "(WORKER_COMFYUI_WORKFLOW_TIMEOUT_SECONDS)")
             try:
                 opcode, data = self.ws.recv_data()
             except websocket.WebSocketTimeoutException:
@@ -344,8 +349,8 @@ class Follow:
         elif kind == "progress" and ours:
             value, maximum = float(data.get("value") or 0), float(data.get("max") or 1)
             node = str(data.get("node") or self.node or "")
-            self._report(f"Node {node} ({self._class(node)}): {value:g}/{maximum:g}", int(value), int(maximum),
-                         fraction=value / maximum if maximum else 0)
+            self._report(f"Node {node} ({self._class(node)}): {value:g}/{maximum:g}", int(value),
+                         int(maximum), fraction=value / maximum if maximum else 0)
         elif kind == "executed" and ours:
             self.done.add(str(data.get("node")))
         return None
@@ -380,7 +385,8 @@ class Follow:
         return None
 
     def _reconnect(self, exc: Exception, deadline: float) -> tuple[str, dict[str, Any]] | None:
-        log.warning("ComfyUI socket dropped while following prompt %s (%s): reconnecting", self.prompt_id, exc)
+        log.warning("ComfyUI socket dropped while following prompt %s (%s): reconnecting", self.prompt_id,
+                    exc)
         _close(self.ws)
         delay = 0.1
         while True:

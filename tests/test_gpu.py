@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis
 
+from appliance.api.monitor import monitor_worker
 from appliance.gpu import GpuSampler, discover
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
@@ -209,6 +210,7 @@ def test_gpu_worker_heartbeats_its_own_gpu_and_serves_gpu_jobs(env_base: dict[st
         figures = worker["telemetry"]["gpu"]
         assert figures["uuid"] == host["gpus"][1]["uuid"] and figures["name"] == "NVIDIA A100-SXM4-80GB"
         assert figures["memory_used_gb"] == 4.0 and figures["temperature_c"] == 41
+        assert monitor_worker(worker)["telemetry"]["gpu"] == figures  # the monitor snapshot shows them too
         hardware = worker["capabilities"]["hardware"]
         assert (hardware["gpu_model"], hardware["gpu_memory_gb"], hardware["gpu_count"]) == (
             "NVIDIA A100-SXM4-80GB", 80.0, 1)

@@ -62,6 +62,7 @@ def monitor_worker(worker: dict[str, Any]) -> dict[str, Any]:
         "jobs_failed": worker.get("total_jobs_failed", 0),
         "total_processing_time": 0,
         "last_heartbeat": worker.get("heartbeat_ttl_s", 0),
+        "telemetry": worker.get("telemetry"),  # psutil host figures and its GPU's NVML figures (issue 5)
     }
 
 

@@ -21,8 +21,9 @@ class JobOutput:
         if found is None:
             resp.status = falcon.HTTP_404
             resp.content_type = falcon.MEDIA_JSON
-            resp.data = orjson.dumps(envelope(f"No output {name!r} for job {job_id} (it may have expired; the "
-                                              "job's result lists its files)", job_id=job_id, name=name))
+            message = (f"No output {name!r} for job {job_id} (it may have expired; the job's result "
+                       "lists its files)")
+            resp.data = orjson.dumps(envelope(message, job_id=job_id, name=name))
             return
         resp.content_type = found.content_type
         resp.set_header("Content-Disposition", f'attachment; filename="{found.name}"')
