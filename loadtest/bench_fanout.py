@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 HOME = Path(__file__).resolve().parent.parent
-JOBS, STEPS, ROUND_S = 10, 20, 0.05
+JOBS, STEPS = 10, 20
+ROUND_S = 0.5            # every job emits one progress event per round: 20 events/s in all, like 10 simulations
 SERVICE = "bench-fanout"
 
 
@@ -68,7 +69,8 @@ def client_main(args: argparse.Namespace) -> None:
         sock.close()
 
     def ws_client(job_id: str) -> None:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{args.port}/", timeout=120)
+        ws = websocket.create_connection(f"ws://127.0.0.1:{args.port}/", timeout=120,
+                                         skip_utf8_validation=True)  # pure-Python validation: client-bound
         ws.recv()
         ws.send(orjson.dumps({"type": "subscribe_progress", "job_id": job_id}).decode())
         connected[0] += 1
@@ -99,7 +101,9 @@ def client_main(args: argparse.Namespace) -> None:
         gevent.sleep(0.05)
     print(json.dumps({"ready": connected[0], "connect_s": round(time.time() - started, 2)}), flush=True)
     gevent.joinall(greenlets, timeout=300)
-    print(json.dumps({"latencies": latencies, **counts}), flush=True)
+    cpu = os.times()
+    print(json.dumps({"latencies": latencies, **counts, "client_cpu_s": round(cpu.user + cpu.system, 2)}),
+          flush=True)
 
 
 # -- the producer side ----------------------------------------------------------------------------------------
@@ -140,7 +144,18 @@ def rss(procs: list[Any]) -> int:
     return total
 
 
-def measure(queue: Any, port: int, subscribers: int, kind: str) -> dict[str, Any]:
+def cpu(procs: list[Any]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except Exception:
+            pass
+    return total
+
+
+def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float = ROUND_S) -> dict[str, Any]:
     """Submit JOBS jobs, connect the subscribers, emit STEPS progress events per job, collect figures."""
     from appliance.jobs import JobSpec
 
@@ -160,24 +175,27 @@ def measure(queue: Any, port: int, subscribers: int, kind: str) -> dict[str, Any
     time.sleep(1.0)
     conns = len(queue.client.client_list())
     rss_after = rss(procs)
+    cpu_before = cpu(procs)
     started = time.time()
     for step in range(1, STEPS + 1):
         for job_id in job_ids:
             scripts.progress(job_id, worker, attempts[job_id], step * 100 // STEPS, f"{time.time():.6f}", step,
                              STEPS)
-        time.sleep(ROUND_S)
+        time.sleep(round_s)
     for job_id in job_ids:
         scripts.complete(job_id, worker, attempts[job_id], {"bench": True})
     emit_s = time.time() - started
     result = json.loads(child.stdout.readline() or "{}")
+    api_cpu_s = cpu(procs) - cpu_before
     child.wait(60)
     return {
-        "subscribers": subscribers, "connected": ready.get("ready"), "connect_s": ready.get("connect_s"),
+        "subscribers": subscribers, "events_per_s": round(JOBS / round_s, 1), "connected": ready.get("ready"), "connect_s": ready.get("connect_s"),
         "expected": subscribers * STEPS, "delivered": result.get("progress", 0),
         "completed": result.get("done", 0), "client_errors": result.get("errors", 0),
         "latency_ms": summary(result.get("latencies", [])), "emit_s": round(emit_s, 2),
         "redis_connections": conns, "redis_connections_before": baseline_conns,
-        "api_processes": len(procs),
+        "api_processes": len(procs), "api_cpu_s": round(api_cpu_s, 2),
+        "client_cpu_s": result.get("client_cpu_s"),
         "rss_per_connection_kb": round((rss_after - rss_before) / max(1, subscribers) / 1024, 1),
     }
 
@@ -209,7 +227,7 @@ def standalone(args: argparse.Namespace) -> None:
         time.sleep(3)
         queue = Queue(connect(url), QueueSettings(redis_url=url))
         for kind in args.kind.split(","):
-            figures = measure(queue, api_port, args.subscribers, kind)
+            figures = measure(queue, api_port, args.subscribers, kind, args.round_s)
             print(json.dumps({"kind": kind, **figures}), flush=True)
     finally:
         api.send_signal(signal.SIGTERM)
@@ -223,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_fanout", description=__doc__.splitlines()[0])
     p.add_argument("--subscribers", type=int, default=1000)
     p.add_argument("--kind", default="sse,ws", help="sse, ws or both (comma-separated)")
+    p.add_argument("--round-s", type=float, default=ROUND_S,
+                   help=f"seconds between rounds of one progress event per job ({ROUND_S}; {JOBS} jobs)")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--jobs", default="", help=argparse.SUPPRESS)

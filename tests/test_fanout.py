@@ -21,7 +21,7 @@ SUBSCRIBERS = 300
 
 @pytest.fixture(scope="module")
 def api(redis_server: str) -> Iterator[Api]:
-    with running_api(env_for(redis_server), API_CLIENT_QUEUE_SIZE="50") as running:
+    with running_api(env_for(redis_server), API_CLIENT_QUEUE_SIZE="5") as running:
         yield running
 
 
@@ -103,8 +103,9 @@ def test_slow_client_is_closed_with_reason_and_others_get_everything(api: Api, q
         slow.setblocking(True)
         worker.claim()
         big = "x" * 30_000
-        for step in range(300):                     # ~9 MB: more than socket buffers and the 50-message queue
+        for step in range(300):     # ~9 MB, more than socket buffers take; 1 event per batch, 5 batches queue
             worker.progress(job_id, step % 100, big, step)
+            time.sleep(0.004)       # paced so that the fast reader keeps up
         worker.complete(job_id)
         reader.join(30)
         assert fast_frames[-1] == "completed" and fast_frames.count("progress") == 300

@@ -111,6 +111,7 @@ class Registry:
             except orjson.JSONDecodeError:
                 continue
             if now - int(other.get("updated_ms", 0)) > STALE_MS:
+                self.client.hdel(self.keys.api_connections, instance)     # a process that died
                 continue
             processes += 1
             sse += int(other.get("sse", 0))

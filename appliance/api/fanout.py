@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 EntryId = tuple[int, int]
 BLOCK_MS = 10_000
-READ_COUNT = 200             # entries per read: one batch must fit in a client queue
+READ_COUNT = 500
 HISTORY_PAGE = 500
 
 
@@ -80,12 +80,15 @@ class Entry:
 
 
 class Subscriber:
-    """A client's bounded inbox. Items are Entry objects or control tuples the connection defines."""
+    """A client's bounded inbox: one item per batch the reader hands out (a list of Entry), or an Entry, or
+    whatever the connection itself queues (replies, control). The bound counts items, so a burst of events
+    read at once takes one place; a client that lets `maxsize` items pile up is too slow."""
 
     def __init__(self, kind: str, maxsize: int, on_overflow: Callable[[str], None] | None = None):
         self.kind = kind
         self.queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize)
         self.last: dict[str, EntryId] = {}
+        self.streams: set[str] = set()
         self.overflowed: str | None = None
         self.on_overflow = on_overflow
 
@@ -97,7 +100,7 @@ class Subscriber:
             self.queue.put_nowait(item)
             return True
         except gevent.queue.Full:
-            self.overflowed = (f"client too slow: more than {self.queue.maxsize} messages waiting; "
+            self.overflowed = (f"client too slow: more than {self.queue.maxsize} batches of events waiting; "
                                "reconnect (SSE: with Last-Event-ID) to resume")
             log.warning("closing a slow %s client: %s", self.kind, self.overflowed)
             if self.on_overflow is not None:
@@ -212,15 +215,17 @@ class Hub:
     def _register(self, sub: Subscriber, stream: str, after: str) -> None:
         subs = self.subscribers.setdefault(stream, set())
         subs.add(sub)
+        sub.streams.add(stream)
         if stream not in self.cursors:
             self.cursors[stream] = after
             self._wake()
 
     def leave(self, sub: Subscriber, stream: str | None = None) -> None:
         """Stop `sub` following `stream` (every stream when None)."""
-        streams = [stream] if stream is not None else list(sub.last) + [
-            s for s, subs in self.subscribers.items() if sub in subs]
-        for name in set(streams):
+        streams = [stream] if stream is not None else list(sub.streams | set(sub.last))
+        for name in streams:
+            sub.last.pop(name, None)
+            sub.streams.discard(name)
             subs = self.subscribers.get(name)
             if subs is None:
                 continue
@@ -228,7 +233,6 @@ class Hub:
             if not subs:
                 del self.subscribers[name]
                 self.cursors.pop(name, None)
-            sub.last.pop(name, None)
 
     def subscriber_count(self) -> int:
         return len({sub for subs in self.subscribers.values() for sub in subs})
@@ -286,7 +290,6 @@ class Hub:
             self.batches += 1
             self.entries += len(entries)
             for sub in list(self.subscribers.get(stream, ())):
-                for entry in entries:
-                    if sub.fresh(entry) and not sub.offer(entry):
-                        self.leave(sub)
-                        break
+                batch = [entry for entry in entries if sub.fresh(entry)]
+                if batch and not sub.offer(batch):
+                    self.leave(sub)

@@ -20,7 +20,7 @@ import gevent.queue
 from appliance import clock
 from appliance.api import messages
 from appliance.api.fanout import Entry, Subscriber, valid_id
-from appliance.api.ws_session import OVERFLOW_GRACE_S, Live
+from appliance.api.ws_session import OVERFLOW_GRACE_S, WRITE_BATCH, Live
 from appliance.errors import JobNotFound, ValidationError
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,14 @@ class SseConnection:
                 "timestamp": clock.iso(clock.now_ms())})
             history: list[Entry] = []
             live.hub.join(sub, stream, after, history.append)
+            replay: list[bytes] = []
             for entry in history:
-                yield entry.rendered("sse", messages.sse_frame)
+                replay.append(entry.rendered("sse", messages.sse_frame))
                 if entry.event in messages.TERMINAL_EVENTS:
+                    yield b"".join(replay)
                     return
+            if replay:
+                yield b"".join(replay)
             keepalive = live.settings.sse_keepalive_s
             while True:
                 try:
@@ -90,14 +94,31 @@ class SseConnection:
                         "type": "shutdown", "message": "server restarting; reconnect with Last-Event-ID",
                         "timestamp": clock.iso(clock.now_ms())})
                     return
-                if isinstance(item, Entry):
-                    yield item.rendered("sse", messages.sse_frame)
-                    if item.event in messages.TERMINAL_EVENTS:
-                        return
+                chunk, done = self._drain(item)
+                if chunk:
+                    yield chunk
+                if done:
+                    return
         finally:
             self.done = True
             live.hub.leave(sub)
             live.registry.remove(self)
+
+    def _drain(self, first: Any) -> tuple[bytes, bool]:
+        """`first` and the events queued behind it as one write; True once the terminal event is in."""
+        frames: list[bytes] = []
+        queue = self.sub.queue
+        item = first
+        for _ in range(WRITE_BATCH):
+            entries = item if isinstance(item, list) else [item] if isinstance(item, Entry) else []
+            for entry in entries:
+                frames.append(entry.rendered("sse", messages.sse_frame))
+                if entry.event in messages.TERMINAL_EVENTS:
+                    return b"".join(frames), True
+            if queue.empty() or not isinstance(queue.peek_nowait(), (list, Entry)):
+                break
+            item = queue.get_nowait()
+        return b"".join(frames), False
 
 
 class JobProgress:

@@ -117,7 +117,7 @@ class WebSocket:
         return self._write(TextMessage(data=text))
 
     def send_frame(self, frame: bytes) -> bool:
-        """Send a whole text frame made by `text_frame` (the same bytes go to every subscriber of an event)."""
+        """Send whole text frames made by `text_frame` (the same bytes go to every subscriber of an event)."""
         if not self.open:
             return False
         with self._lock:

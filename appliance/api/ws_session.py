@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
+WRITE_BATCH = 64           # queued messages sent in one socket write
 
 
 @dataclass
@@ -115,25 +116,29 @@ class Session:
         self.sub.offer(text)
 
     def _write_loop(self) -> None:
+        """Send what is queued, in order; whatever piled up meanwhile goes out in one write."""
         queue = self.sub.queue
+        events = self.live.queue.keys.events
         while True:
-            item = queue.get()
+            items = [queue.get()]
+            while len(items) < WRITE_BATCH and not queue.empty():
+                items.append(queue.get_nowait())
             if self.sub.overflowed:
                 self.ws.close(POLICY, self.sub.overflowed)
                 return
-            if item is None:
-                continue
-            if isinstance(item, str):
-                if not self.ws.send(item):
-                    return
-            else:
-                frames: list[bytes] = item.rendered(f"{self.kind}:{self.variant()}:frames", self._frames)
-                for frame in frames:
-                    if not self.ws.send_frame(frame):
-                        return
-            if isinstance(item, Entry) and item.event in messages.TERMINAL_EVENTS and item.stream != \
-                    self.live.queue.keys.events:
-                self.live.hub.leave(self.sub, item.stream)
+            out: list[bytes] = []
+            for item in items:
+                if item is None:
+                    continue
+                if isinstance(item, str):
+                    out.append(text_frame(item))
+                    continue
+                for entry in item if isinstance(item, list) else [item]:
+                    out.extend(entry.rendered(f"{self.kind}:{self.variant()}:frames", self._frames))
+                    if entry.event in messages.TERMINAL_EVENTS and entry.stream != events:
+                        self.live.hub.leave(self.sub, entry.stream)
+            if out and not self.ws.send_frame(b"".join(out)):
+                return
 
     def _frames(self, entry: Entry) -> list[bytes]:
         return [text_frame(text) for text in self.render(entry)]
