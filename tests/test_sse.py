@@ -138,3 +138,32 @@ def test_subscribers_on_several_processes_all_get_every_event(redis_server: str,
             thread.join(20)
         expected = worker.stream_ids(job_id)[1:]
         assert len(results) == 12 and all(ids == expected for ids in results)
+
+
+def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Queue, redis_server: str) -> None:
+    import subprocess
+    import sys
+
+    from live_api import ROOT, recv, send, ws_connect
+
+    env = {**env_for(redis_server), "WORKER_ID": "sse-worker", "WORKER_SIMULATION_PROCESSING_TIME": "0.3",
+           "WORKER_SIMULATION_STEPS": "3", "WORKER_HEARTBEAT_INTERVAL_MS": "500", "LOG_LEVEL": "warning"}
+    ws = ws_connect(api, "/ws/client/real")
+    recv(ws)
+    send(ws, {"type": "submit_job", "job_type": "simulation", "payload": {"steps": 3}})
+    job_id = recv(ws)["job_id"]
+    stream = sse(api, job_id)
+    assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
+    worker = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], cwd=ROOT, env=env)
+    try:
+        names = [f.event for f in stream.events()]
+        assert names[0] == "assigned" and names[-1] == "completed"
+        assert names.count("progress") >= 3
+        kinds = []
+        while not kinds or kinds[-1] != "complete_job":
+            kinds.append(recv(ws)["type"])
+        assert kinds[0] == "job_assigned" and "update_job_progress" in kinds
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        ws.close()
