@@ -1,0 +1,111 @@
+"""Real worker and redis-server processes for resilience tests (started and stopped by the test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from conftest import ROOT, free_port, redis_binary
+
+
+class Proc:
+    """A child process with its log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], name: str):
+        self.log = Path(tempfile.mkstemp(prefix=f"appliance-{name}-", suffix=".log")[1])
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.log.unlink(missing_ok=True)
+
+
+def wait_for(check: Callable[[], object], timeout_s: float = 20, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def workers(env: dict[str, str], *ids: str, **extra: str) -> Iterator[dict[str, Proc]]:
+    """Worker processes (`python -m appliance.worker_process`), one per id; killed at the end."""
+    procs = {}
+    try:
+        for worker_id in ids:
+            procs[worker_id] = Proc([sys.executable, "-m", "appliance.worker_process"],
+                                    {**env, "WORKER_ID": worker_id, **extra}, worker_id)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.close()
+
+
+class RedisServer:
+    """A private redis-server with AOF in its own folder, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="appliance-redis-"))
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = Proc([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                          "--appendonly", "yes", "--save", ""], dict(os.environ), "redis")
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc.close()
+            self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
