@@ -19,7 +19,7 @@ import gevent.queue
 
 from appliance import clock
 from appliance.api import messages
-from appliance.api.fanout import Entry, Subscriber, valid_id
+from appliance.api.fanout import Entry, Raw, Subscriber, direct_result, valid_id, write_now
 from appliance.api.ws_session import OVERFLOW_GRACE_S, WRITE_BATCH, Live
 from appliance.errors import JobNotFound, ValidationError
 
@@ -41,6 +41,27 @@ class SseConnection:
         self.env = env
         self.done = False
         self.sub = Subscriber("sse", live.settings.client_queue_size, self._overflow)
+        sock = env.get("gunicorn.socket")
+        # gunicorn frames a streamed HTTP/1.1 response in chunks; a plain socket can take direct writes
+        if (sock is not None and type(sock).__name__ == "socket" and env.get("wsgi.url_scheme") == "http"
+                and env.get("SERVER_PROTOCOL") == "HTTP/1.1"):
+            self.sock = sock
+            self.sub.direct = self._direct
+        else:
+            self.sock = None
+
+    def _direct(self, batch: list[Entry]) -> list[Entry] | Raw | None:
+        if self.sock is None or batch[-1].event in messages.TERMINAL_EVENTS:
+            return batch                     # the stream ends after it: leave that to the generator
+        if len(batch) == 1:
+            data = batch[0].rendered("sse-chunk", _chunk_of)
+        else:
+            data = _chunk(b"".join(entry.rendered("sse", messages.sse_frame) for entry in batch))
+        try:
+            written = write_now(self.sock.fileno(), data)
+        except OSError:
+            return batch
+        return direct_result(batch, data, written)
 
     def shutdown(self) -> None:
         try:
@@ -80,11 +101,14 @@ class SseConnection:
                 yield b"".join(replay)
             keepalive = live.settings.sse_keepalive_s
             while True:
+                sub.idle = True
                 try:
                     item = sub.queue.get(timeout=keepalive)
                 except gevent.queue.Empty:
+                    sub.idle = False
                     yield messages.sse_comment("keepalive")
                     continue
+                sub.idle = False
                 if sub.overflowed:
                     yield messages.sse_named("error", {"type": "error", "error": sub.overflowed,
                                                        "timestamp": clock.iso(clock.now_ms())})
@@ -94,6 +118,10 @@ class SseConnection:
                         "type": "shutdown", "message": "server restarting; reconnect with Last-Event-ID",
                         "timestamp": clock.iso(clock.now_ms())})
                     return
+                if isinstance(item, Raw):
+                    if not self._send_raw(item.data):
+                        return
+                    continue
                 chunk, done = self._drain(item)
                 if chunk:
                     yield chunk
@@ -103,6 +131,15 @@ class SseConnection:
             self.done = True
             live.hub.leave(sub)
             live.registry.remove(self)
+
+    def _send_raw(self, data: bytes) -> bool:
+        """Finish a direct write cut short (already framed as a chunk, so not through gunicorn)."""
+        assert self.sock is not None
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
 
     def _drain(self, first: Any) -> tuple[bytes, bool]:
         """`first` and the events queued behind it as one write; True once the terminal event is in."""
@@ -119,6 +156,15 @@ class SseConnection:
                 break
             item = queue.get_nowait()
         return b"".join(frames), False
+
+
+def _chunk(payload: bytes) -> bytes:
+    """`payload` as one HTTP/1.1 chunk, as gunicorn writes each yielded piece of a streamed response."""
+    return b"%X\r\n%s\r\n" % (len(payload), payload)
+
+
+def _chunk_of(entry: Entry) -> bytes:
+    return _chunk(entry.rendered("sse", messages.sse_frame))
 
 
 class JobProgress:

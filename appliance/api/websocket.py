@@ -100,6 +100,16 @@ class WebSocket:
     def open(self) -> bool:
         return self.conn.state is ConnectionState.OPEN
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is under way (another greenlet holds the lock, maybe waiting on the socket)."""
+        return self._lock.locked()
+
+    @property
+    def direct_ok(self) -> bool:
+        """Whether frames may be written to the OS socket directly (a plain, non-TLS socket)."""
+        return type(self.sock).__name__ == "socket"
+
     # -- sending --------------------------------------------------------------------------------------------
     def _write(self, event: Any) -> bool:
         with self._lock:
