@@ -41,6 +41,7 @@ from appliance.settings import Env, QueueSettings
 
 log = logging.getLogger(__name__)
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
+QUIET_POLL_S = 2.0  # after this long without a message, look at /history and /queue
 
 
 class Http:
@@ -290,6 +291,7 @@ class Follow:
         self.started = False
         self.history_entry: dict[str, Any] | None = None
         self.stopping = False
+        self.missing = 0
 
     def until_done(self, deadline: float) -> tuple[str, dict[str, Any]]:
         quiet_since = time.monotonic()
@@ -307,11 +309,12 @@ class Follow:
             try:
                 opcode, data = self.ws.recv_data()
             except websocket.WebSocketTimeoutException:
-                if time.monotonic() - quiet_since > 2:
+                if time.monotonic() - quiet_since > QUIET_POLL_S:
                     quiet_since = time.monotonic()
                     found = self._from_history()
                     if found:
                         return found
+                    self._check_still_queued()
                 continue
             except (OSError, websocket.WebSocketException) as exc:
                 found = self._reconnect(exc, deadline)
@@ -363,6 +366,21 @@ class Follow:
         running = 0 if self.node is None or self.node in self.done else fraction
         percent = min(99.0, 100 * (len(self.done) + running) / nodes)
         self.job.progress(percent, message, step, total if total != "" else nodes)
+
+    def _check_still_queued(self) -> None:
+        """A prompt in neither /queue nor /history was deleted from ComfyUI's queue (which sends no event) or
+        lost in a ComfyUI restart; two quiet polls in a row make sure it is not just between the two."""
+        try:
+            queue = self.c.http.json("GET", "/queue")
+        except (OSError, ValueError):
+            return
+        items = list(queue.get("queue_running") or []) + list(queue.get("queue_pending") or [])
+        if any(isinstance(i, list) and len(i) > 1 and i[1] == self.prompt_id for i in items):
+            self.missing = 0
+            return
+        self.missing += 1
+        if self.missing >= 2:
+            raise ConnectorError("the prompt vanished from ComfyUI (deleted from its queue, or ComfyUI restarted)")
 
     def _from_history(self) -> tuple[str, dict[str, Any]] | None:
         """Make up missed events from /history: a terminal status ends the wait; outputs mark nodes done."""

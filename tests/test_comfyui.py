@@ -240,6 +240,21 @@ def test_cancel_before_it_runs_deletes_it_from_comfyuis_queue(comfy: ComfyUIConn
     assert prompt_id not in double.history
 
 
+def test_prompt_deleted_from_comfyuis_queue_by_someone_else_fails(
+        comfy: ComfyUIConnector, double: ComfyDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("connectors.comfyui.QUIET_POLL_S", 0.1)
+    status, busy = post(double, "/prompt", {"prompt": workflow(steps=200, step_s=0.02, seed=7), "client_id": "x"})
+    job = Job({"workflow": workflow(steps=2)})
+    thread, outcome = in_thread(lambda: comfy.run(job.context))
+    wait_for(lambda: "job-1" in comfy.prompts and any(i["prompt_id"] == comfy.prompts["job-1"]
+                                                      for i in double.pending))
+    post(double, "/queue", {"delete": [comfy.prompts["job-1"]]})  # no event tells anyone
+    thread.join(10)
+    assert isinstance(outcome.get("error"), ConnectorError)
+    assert "vanished from ComfyUI" in str(outcome["error"]) and outcome["error"].retryable
+    post(double, "/interrupt", {})
+
+
 def test_dropped_socket_mid_job_reconnects_and_finishes(comfy: ComfyUIConnector) -> None:
     job = Job({"workflow": workflow(steps=6, step_s=0.05, drop_socket_at_step=2)})
     result = comfy.run(job.context)
