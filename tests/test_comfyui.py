@@ -242,7 +242,7 @@ def test_cancel_before_it_runs_deletes_it_from_comfyuis_queue(comfy: ComfyUIConn
 
 def test_prompt_deleted_from_comfyuis_queue_by_someone_else_fails(
         comfy: ComfyUIConnector, double: ComfyDouble, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("connectors.comfyui.QUIET_POLL_S", 0.1)
+    monkeypatch.setattr("connectors.comfyui_follow.QUIET_POLL_S", 0.1)
     status, busy = post(double, "/prompt", {"prompt": workflow(steps=200, step_s=0.02, seed=7), "client_id": "x"})
     job = Job({"workflow": workflow(steps=2)})
     thread, outcome = in_thread(lambda: comfy.run(job.context))
