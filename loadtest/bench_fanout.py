@@ -29,6 +29,7 @@ HOME = Path(__file__).resolve().parent.parent
 JOBS, STEPS = 10, 20
 ROUND_S = 0.5            # every job emits one progress event per round: 20 events/s in all, like 10 simulations
 SERVICE = "bench-fanout"
+CLIENT_PROCS = 2         # subscriber processes (gevent); the clients cost more CPU than the server
 
 
 # -- the client side (child process, gevent) --------------------------------------------------------------------
@@ -167,11 +168,14 @@ def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float =
     procs = api_processes(port)
     rss_before = rss(procs)
     baseline_conns = len(queue.client.client_list())
-    child = subprocess.Popen([sys.executable, "-m", "loadtest.bench_fanout", "--client", "--port", str(port),
-                              "--kind", kind, "--subscribers", str(subscribers), "--jobs", ",".join(job_ids)],
-                             cwd=HOME, stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    ready = json.loads(child.stdout.readline())
+    shares = [subscribers // CLIENT_PROCS + (1 if i < subscribers % CLIENT_PROCS else 0)
+              for i in range(CLIENT_PROCS)]
+    children = [subprocess.Popen([sys.executable, "-m", "loadtest.bench_fanout", "--client", "--port", str(port),
+                                  "--kind", kind, "--subscribers", str(share), "--jobs", ",".join(job_ids)],
+                                 cwd=HOME, stdout=subprocess.PIPE, text=True) for share in shares if share]
+    readies = [json.loads(child.stdout.readline() or "{}") for child in children]  # type: ignore[union-attr]
+    ready = {"ready": sum(r.get("ready", 0) for r in readies),
+             "connect_s": max((r.get("connect_s", 0) for r in readies), default=0)}
     time.sleep(1.0)
     conns = len(queue.client.client_list())
     rss_after = rss(procs)
@@ -185,11 +189,16 @@ def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float =
     for job_id in job_ids:
         scripts.complete(job_id, worker, attempts[job_id], {"bench": True})
     emit_s = time.time() - started
-    result = json.loads(child.stdout.readline() or "{}")
+    results = [json.loads(child.stdout.readline() or "{}") for child in children]  # type: ignore[union-attr]
     api_cpu_s = cpu(procs) - cpu_before
-    child.wait(60)
+    for child in children:
+        child.wait(60)
+    result: dict[str, Any] = {"latencies": [x for r in results for x in r.get("latencies", [])]}
+    for name in ("progress", "done", "errors", "client_cpu_s"):
+        result[name] = round(sum(r.get(name, 0) for r in results), 2)
     return {
-        "subscribers": subscribers, "events_per_s": round(JOBS / round_s, 1), "connected": ready.get("ready"), "connect_s": ready.get("connect_s"),
+        "subscribers": subscribers, "events_per_s": round(JOBS / round_s, 1), "connected": ready.get("ready"),
+        "connect_s": ready.get("connect_s"),
         "expected": subscribers * STEPS, "delivered": result.get("progress", 0),
         "completed": result.get("done", 0), "client_errors": result.get("errors", 0),
         "latency_ms": summary(result.get("latencies", [])), "emit_s": round(emit_s, 2),
