@@ -100,7 +100,7 @@ def follow_ws(environment: Any, url: str, job_id: str, timeout_s: float) -> str:
     except websocket.WebSocketTimeoutException:
         raise FollowError(f"no terminal event within {timeout_s:.0f}s") from None
     finally:
-        ws.close()
+        ws.close(timeout=1)
 
 
 def timed_follow(environment: Any, kind: str, follow: Any, *args: Any) -> str | None:

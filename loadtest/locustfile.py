@@ -118,7 +118,7 @@ class ScaleUser(DrillUser):
 class ResilienceUser(DrillUser):
     """Steady submissions (and health reads) while the chaos schedule disrupts the appliance."""
 
-    wait_time = between(0.05, 0.3)
+    wait_time = between(0.2, 0.8)
 
     @task(10)
     def submit_one(self) -> None:

@@ -12,6 +12,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -19,6 +20,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.util  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.html import get_html_report  # noqa: E402
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history  # noqa: E402
@@ -53,7 +55,7 @@ DEFAULTS = {
     "priority": Scenario(2, 2, 30, 2, (100, 300), 2,
                          env={"WORKER_MAX_CONCURRENT_JOBS": "1", "EVENTS_STREAM_MAXLEN": "500000"}),
     "scale": Scenario(50, 25, 60, 5, (0, 50), 1, env={"WORKER_MAX_CONCURRENT_JOBS": "10"}),
-    "resilience": Scenario(10, 10, 60, 3, (200, 1000), 4, drain_s=90,
+    "resilience": Scenario(10, 10, 60, 3, (100, 500), 4, drain_s=90,
                            env={"WORKER_MAX_CONCURRENT_JOBS": "4", **FAST_LEASES}),
     "fanout": Scenario(1000, 200, 60, 2, (4000, 6000), 20, env={"WORKER_MAX_CONCURRENT_JOBS": "16"}),
 }
@@ -86,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    main_greenlet = gevent.getcurrent()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # stop the private appliance on the way out
+        gevent.signal_handler(signum, gevent.kill, main_greenlet, SystemExit(128 + signum))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     scenario = DEFAULTS[args.scenario]
     users = args.users or scenario.users
@@ -144,7 +149,7 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     if chaos:
         chaos.start()
     _progress(env, started, duration)
-    runner.stop()
+    _stop_users(runner, run_dir)
     load_s = time.time() - started
     if chaos:
         chaos.stop()
@@ -170,6 +175,18 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     (run_dir / "report.html").write_text(get_html_report(env, show_download_link=False))
     return report.summarize(args.scenario, host, users, workers, load_s, waited, env, drill_state, result,
                             chaos.log if chaos else None)
+
+
+def _stop_users(runner: Any, run_dir: Path, timeout_s: float = 30.0) -> None:
+    """Stop the users; if they do not stop in time, note where they hang and quit the runner."""
+    stopper = gevent.spawn(runner.stop)
+    stopper.join(timeout_s)
+    if not stopper.ready():
+        say(f"the users did not stop within {timeout_s:g}s; stacks in {run_dir / 'hang.txt'}; forcing")
+        with open(run_dir / "hang.txt", "w") as out:
+            gevent.util.print_run_info(file=out)
+        stopper.kill(block=False)
+        runner.quit()
 
 
 def _progress(env: Environment, started: float, duration: float) -> None:
