@@ -186,6 +186,19 @@ def _id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _complete_since(client: redis.Redis, keys: Keys, since_id: str) -> bool:
+    """Whether the `events` stream still holds every entry after `since_id` (none trimmed away)."""
+    if _id(since_id) != (0, 0):
+        first = client.xrange(keys.events, "-", "+", count=1)
+        return bool(first) and _id(first[0][0]) <= _id(since_id)
+    try:
+        info = client.xinfo_stream(keys.events)
+    except redis.ResponseError:
+        return True  # no stream: nothing was trimmed
+    added = info.get("entries-added")  # Redis 7; 6.2 does not say, and we assume nothing was trimmed
+    return added is None or int(added) == int(info.get("length", 0))
+
+
 def check_order(client: redis.Redis, keys: Keys, job_ids: Iterable[str], since_id: str) -> dict[str, Any]:
     """Replay the `events` stream from `since_id`: each first claim of a job must take the best pending job
     of its service (highest priority, then earliest), among the drill's jobs.
@@ -193,8 +206,7 @@ def check_order(client: redis.Redis, keys: Keys, job_ids: Iterable[str], since_i
     A job going back to the retry schedule leaves the pending set (it re-enters silently when due), so the
     check can miss an inversion after a retry but never reports a false one."""
     ours = set(job_ids)
-    first = client.xrange(keys.events, "-", "+", count=1)
-    complete = bool(first) and _id(first[0][0]) <= _id(since_id)
+    complete = _complete_since(client, keys, since_id)
     heaps: dict[str, list[tuple[int, int, str]]] = {}
     pending: dict[str, tuple[int, int, str]] = {}
     known: dict[str, tuple[int, str, int]] = {}
