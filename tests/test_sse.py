@@ -167,3 +167,14 @@ def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Que
         worker.terminate()
         worker.wait(20)
         ws.close()
+
+
+def test_cancelled_pending_job_ends_stream(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    stream = sse(api, job_id)
+    assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
+    assert queue.cancel(job_id) == "cancelled"
+    last = stream.next()
+    assert last.event == "cancelled" and last.data["status"] == "cancelled"
+    assert stream.next() is None

@@ -206,3 +206,20 @@ def test_graceful_shutdown_closes_websockets_1001_and_ends_sse(redis_server: str
         rest = stream.events()
         assert rest and rest[-1].event == "shutdown"
         assert own.proc.wait(15) == 0
+
+
+def test_subscribe_progress_resumes_after_last_event_id(api: Api, queue: Queue) -> None:
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    worker.claim()
+    worker.progress(job_id, 30)
+    ids = worker.stream_ids(job_id)
+    ws = ws_connect(api)
+    recv(ws)
+    send(ws, {"type": "subscribe_progress", "job_id": job_id, "last_event_id": ids[1]})
+    recv_until(ws, "subscribed")
+    assert [recv(ws)["id"] for _ in ids[2:]] == ids[2:]
+    worker.complete(job_id)
+    done = recv(ws)
+    assert done["event"] == "completed" and done["id"] == worker.stream_ids(job_id)[-1]
+    ws.close()
