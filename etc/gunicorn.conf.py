@@ -32,7 +32,7 @@ loglevel = _settings.queue.log_level
 proc_name = "appliance-api"
 
 
-# -- graceful stop of live connections ------------------------------------------------------------------------
+# -- graceful stop of live connections ------------------------------------------------------------
 def post_worker_init(worker):
     """On TERM (worker.alive goes False), close WebSockets with 1001 and end SSE streams, so clients reconnect
     at once instead of waiting for graceful_timeout and an EOF."""

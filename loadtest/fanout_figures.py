@@ -28,12 +28,12 @@ from typing import Any
 
 HOME = Path(__file__).resolve().parent.parent
 JOBS, STEPS = 10, 20
-ROUND_S = 0.5            # every job emits one progress event per round: 20 events/s in all, like 10 simulations
+ROUND_S = 0.5            # each job emits one progress event per round: 20 events/s, like 10 simulations
 SERVICE = "bench-fanout"
 CLIENT_PROCS = 2         # subscriber processes (gevent); the clients cost more CPU than the server
 
 
-# -- the client side (child process, gevent) --------------------------------------------------------------------
+# -- the client side (child process, gevent) ---------------------------------------------------------------
 def client_main(args: argparse.Namespace) -> None:
     from gevent import monkey
 
@@ -108,7 +108,7 @@ def client_main(args: argparse.Namespace) -> None:
           flush=True)
 
 
-# -- the producer side ----------------------------------------------------------------------------------------
+# -- the producer side -------------------------------------------------------------------------------------
 def summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
@@ -171,7 +171,8 @@ def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float =
     baseline_conns = len(queue.client.client_list())
     shares = [subscribers // CLIENT_PROCS + (1 if i < subscribers % CLIENT_PROCS else 0)
               for i in range(CLIENT_PROCS)]
-    children = [subprocess.Popen([sys.executable, "-m", "loadtest.fanout_figures", "--client", "--port", str(port),
+    children = [subprocess.Popen([sys.executable, "-m", "loadtest.fanout_figures", "--client",
+                                  "--port", str(port),
                                   "--kind", kind, "--subscribers", str(share), "--jobs", ",".join(job_ids)],
                                  cwd=HOME, stdout=subprocess.PIPE, text=True) for share in shares if share]
     readies = [json.loads(child.stdout.readline() or "{}") for child in children]  # type: ignore[union-attr]
@@ -184,8 +185,8 @@ def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float =
     started = time.time()
     for step in range(1, STEPS + 1):
         for job_id in job_ids:
-            scripts.progress(job_id, worker, attempts[job_id], step * 100 // STEPS, f"{time.time():.6f}", step,
-                             STEPS)
+            scripts.progress(job_id, worker, attempts[job_id], step * 100 // STEPS, f"{time.time():.6f}",
+                             step, STEPS)
         time.sleep(round_s)
     for job_id in job_ids:
         scripts.complete(job_id, worker, attempts[job_id], {"bench": True})

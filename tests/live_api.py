@@ -72,7 +72,8 @@ def running_api(env_base: dict[str, str], **extra: str) -> Iterator[Api]:
     log = Path(tempfile.mkstemp(prefix="appliance-api-", suffix=".log")[1])
     with log.open("wb") as out:
         proc = subprocess.Popen([GUNICORN, "--config", "etc/gunicorn.conf.py", "appliance.api.wsgi:app"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     api = Api(port, proc, log)
     deadline = time.monotonic() + 20
     while True:
@@ -98,7 +99,7 @@ def running_api(env_base: dict[str, str], **extra: str) -> Iterator[Api]:
         log.unlink(missing_ok=True)
 
 
-# -- SSE ----------------------------------------------------------------------------------------------------
+# -- SSE ---------------------------------------------------------------------------------------------------
 @dataclass
 class Frame:
     event: str = "message"
@@ -170,7 +171,7 @@ def sse(api: Api, job_id: str, last_event_id: str | None = None, timeout: float 
     return out
 
 
-# -- WebSocket ----------------------------------------------------------------------------------------------
+# -- WebSocket ---------------------------------------------------------------------------------------------
 def ws_connect(api: Api, path: str = "/", timeout: float = 10) -> websocket.WebSocket:
     return websocket.create_connection(api.ws_url + path, timeout=timeout)
 
@@ -185,7 +186,8 @@ def recv(ws: websocket.WebSocket) -> dict[str, Any]:
     return message
 
 
-def recv_until(ws: websocket.WebSocket, kind: str, limit: int = 200) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def recv_until(ws: websocket.WebSocket, kind: str,
+               limit: int = 200) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Messages until the first of type `kind`; returns it and everything before it."""
     before = []
     for _ in range(limit):
@@ -206,7 +208,7 @@ def close_frame(ws: websocket.WebSocket, limit: int = 1000) -> tuple[int, str]:
     raise AssertionError("no close frame")
 
 
-# -- a worker that writes through the scripts -------------------------------------------------------------------
+# -- a worker that writes through the scripts --------------------------------------------------------------
 class FakeWorker:
     """Claims and reports jobs with the real scripts, step by step under the test's control."""
 
@@ -230,13 +232,15 @@ class FakeWorker:
         return job.id
 
     def progress(self, job_id: str, percent: int, message: str = "", step: int = 0, total: int = 4) -> str:
-        return self.queue.scripts.progress(job_id, self.id, self.attempts[job_id], percent, message, step, total)
+        return self.queue.scripts.progress(job_id, self.id, self.attempts[job_id], percent, message, step,
+                                           total)
 
     def complete(self, job_id: str, result: Any = None) -> None:
         self.queue.scripts.complete(job_id, self.id, self.attempts[job_id], result or {"ok": True})
 
     def fail(self, job_id: str, error: str, retryable: bool = False) -> None:
-        self.queue.scripts.fail(job_id, self.id, self.attempts[job_id], error, retryable=retryable, delay_ms=0)
+        self.queue.scripts.fail(job_id, self.id, self.attempts[job_id], error, retryable=retryable,
+                                delay_ms=0)
 
     def stream_ids(self, job_id: str) -> list[str]:
         return [entry_id for entry_id, _ in self.queue.client.xrange(self.queue.keys.progress(job_id))]

@@ -60,7 +60,8 @@ def test_snapshot_shape(api: Api, queue: Queue) -> None:
     assert jobs["active"][0]["worker_id"] == "gpu0" and jobs["active"][0]["job_type"] == "simulation"
     assert [(j["id"], j["status"], j["priority"]) for j in jobs["pending"]] == [(waiting, "pending", 10)]
     assert [j["id"] for j in jobs["completed"]] == [done]
-    assert [(j["id"], j["status"], j["error"]) for j in jobs["failed"]] == [(failed, "failed", "simulated failure")]
+    assert [(j["id"], j["status"], j["error"]) for j in jobs["failed"]] == [
+        (failed, "failed", "simulated failure")]
     assert data["system_stats"]["total_workers"] == 2 and data["system_stats"]["pending_jobs"] == 1
     send(ws, {"type": "heartbeat", "monitor_id": "x", "timestamp": 1})
     assert recv_until(ws, "heartbeat_ack")[0]["monitor_id"] == "monitor-id-1796007902757"
@@ -71,7 +72,8 @@ def test_nextjs_monitor_events(api: Api, queue: Queue) -> None:
     ws, _ = nextjs_monitor(api)
     worker = FakeWorker(queue, "w9")
     connected, _ = recv_until(ws, "worker_connected")
-    assert connected["worker_id"] == "w9" and connected["worker_data"]["capabilities"]["gpu_model"] == "RTX 4090"
+    assert connected["worker_id"] == "w9"
+    assert connected["worker_data"]["capabilities"]["gpu_model"] == "RTX 4090"
     job_id = worker.submit(priority=60, workflow_id="wf-1")
     submitted, _ = recv_until(ws, "job_submitted")
     assert submitted["job_id"] == job_id

@@ -140,7 +140,8 @@ def test_subscribers_on_several_processes_all_get_every_event(redis_server: str,
         assert len(results) == 12 and all(ids == expected for ids in results)
 
 
-def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Queue, redis_server: str) -> None:
+def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Queue,
+                                                            redis_server: str) -> None:
     import subprocess
     import sys
 

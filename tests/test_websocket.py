@@ -1,4 +1,5 @@
-"""The legacy and client WebSocket sockets against a real gunicorn: flows, event order, bad input, close codes."""
+"""The legacy and client WebSocket sockets against a real gunicorn: flows, event order, bad input, close
+codes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def api(redis_server: str) -> Iterator[Api]:
         yield running
 
 
-# -- legacy socket ------------------------------------------------------------------------------------------
+# -- legacy socket -----------------------------------------------------------------------------------------
 def test_legacy_submit_subscribe_and_events_in_order(api: Api, queue: Queue) -> None:
     ws = ws_connect(api, "/")
     hello = recv(ws)
@@ -103,7 +104,8 @@ def test_bad_input_gets_error_and_connection_keeps_working(api: Api, queue: Queu
     ws = ws_connect(api, "/anything/else")
     recv(ws)
     cases: list[str | bytes] = [
-        "not json", "[1, 2]", '{"no": "type"}', '{"type": "launch_rockets"}', '{"type": "subscribe_progress"}',
+        "not json", "[1, 2]", '{"no": "type"}', '{"type": "launch_rockets"}',
+        '{"type": "subscribe_progress"}',
         '{"type": "subscribe_progress", "job_id": "nope"}', '{"type": "submit_job", "data": {"priority": 1}}',
         '{"type": "submit_job", "service_required": "simulation"}', b"\x00\x01binary",
         '{"type": "subscribe_progress", "job_id": "x", "last_event_id": "bad"}',
@@ -131,7 +133,7 @@ def test_failed_handshake_is_400(api: Api) -> None:
     assert resp.status == 400 and b"handshake" in body
 
 
-# -- client socket ----------------------------------------------------------------------------------------------
+# -- client socket -----------------------------------------------------------------------------------------
 def test_client_socket_pushes_its_jobs_events(api: Api, queue: Queue) -> None:
     ws = ws_connect(api, "/ws/client/client-id-1?token=abc")
     assert recv(ws)["type"] == "connected"

@@ -5,8 +5,9 @@ A single greenlet owns one blocking Redis connection and loops `XREAD BLOCK` ove
 Each batch is handed to every subscriber of its stream with `put_nowait` into a bounded queue: the reader
 never waits on a client. When a client's queue is empty and its connection is idle, the reader instead writes
 the batch straight to the client's socket without blocking (what the socket does not take is queued), which
-saves a greenlet wake-up per client and event. A subscriber whose queue is full has fallen too far behind and is marked overflowed;
-its connection closes itself with that reason (an SSE client resumes with Last-Event-ID).
+saves a greenlet wake-up per client and event. A subscriber whose queue is full has fallen too far behind and
+is marked overflowed; its connection closes itself with that reason (an SSE client resumes with
+Last-Event-ID).
 
 Joining without a gap: a subscriber first reads the stream's history itself (XRANGE on a small pool), then
 registers with the reader's cursor for that stream not ahead of what it has read. Registration runs without
@@ -185,7 +186,7 @@ class Hub:
         self._running = False
         self._wake_pending = False
 
-    # -- lifecycle --------------------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._greenlet is None:
             self._running = True
@@ -201,7 +202,7 @@ class Hub:
         except redis.RedisError:
             pass
 
-    # -- subscriptions ----------------------------------------------------------------------------------
+    # -- subscriptions -------------------------------------------------------------------------------------
     def history(self, stream: str, after: str | None, count: int = HISTORY_PAGE) -> list[Entry]:
         """Entries of `stream` after `after` (all of them when None), oldest first, one page."""
         start = "-" if after is None else f"({after}"
@@ -289,7 +290,7 @@ class Hub:
         except redis.RedisError as exc:
             log.warning("fan-out wake failed (new streams wait for the next read): %s", exc)
 
-    # -- the reader ---------------------------------------------------------------------------------------
+    # -- the reader ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
         backoff = 0.1
         while self._running:

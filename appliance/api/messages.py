@@ -60,10 +60,11 @@ def typed(fields: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-# -- SSE ------------------------------------------------------------------------------------------------
+# -- SSE ---------------------------------------------------------------------------------------------------
 def sse_frame(entry: Entry) -> bytes:
     """`id:`, `event:` and one `data:` line (JSON: the typed entry, plus its type and timestamp)."""
-    data = {"type": entry.event, "id": entry.id, **typed(entry.fields), "timestamp": clock.iso(clock.now_ms())}
+    data = {"type": entry.event, "id": entry.id, **typed(entry.fields),
+            "timestamp": clock.iso(clock.now_ms())}
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (entry.id.encode(), entry.event.encode(), orjson.dumps(data))
 
 
@@ -75,7 +76,7 @@ def sse_named(event: str, data: dict[str, Any]) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
 
 
-# -- legacy socket (E0 `progress` frames; terminal events also under the E5 names) ----------------------------
+# -- legacy socket (E0 `progress` frames; terminal events also under the E5 names) -------------------------
 def legacy(entry: Entry) -> list[str]:
     now = clock.iso(clock.now_ms())
     fields = typed(entry.fields)
@@ -89,7 +90,7 @@ def legacy(entry: Entry) -> list[str]:
     return out
 
 
-# -- client socket (E5 names) -----------------------------------------------------------------------------
+# -- client socket (E5 names) ------------------------------------------------------------------------------
 def client(entry: Entry) -> list[str]:
     return [dumps(m) for m in _client_messages(entry)]
 

@@ -22,7 +22,8 @@ from appliance.queue import Queue, public_worker
 
 SNAPSHOT_LIMIT = 250           # jobs per status in a snapshot
 BROADCAST_LIMIT = 50           # jobs per status in each stats_broadcast
-_WORKER_EVENTS = frozenset({"assigned", "completed", "failed", "timeout", "retrying", "requeued", "cancelled"})
+_WORKER_EVENTS = frozenset({"assigned", "completed", "failed", "timeout", "retrying", "requeued",
+                            "cancelled"})
 _BUCKETS = {"pending": ("pending",), "active": ("assigned", "in_progress"), "completed": ("completed",),
             "failed": ("failed", "cancelled", "timeout", "unworkable")}
 
@@ -136,7 +137,8 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
             "status": w.get("status", "idle"), "connection_status": "connected",
             "is_accepting_jobs": w.get("status") == "idle", "supported_job_types": caps["services"],
             "capabilities": caps, "connected_at": w.get("connected_at"),
-            "jobs_processed": int(w.get("total_jobs_completed", 0) or 0) + int(w.get("total_jobs_failed", 0) or 0),
+            "jobs_processed": (int(w.get("total_jobs_completed", 0) or 0)
+                               + int(w.get("total_jobs_failed", 0) or 0)),
             "last_heartbeat": w.get("last_heartbeat"), "current_job_id": w.get("current_job_id") or None,
         }
     failed = sum(counts.get(s, 0) for s in _BUCKETS["failed"])
@@ -148,7 +150,8 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
         "workers": by_id,
         "subscriptions": {"stats": connections.get("monitor", []), "job_notifications": [], "jobs": {}},
         "system": {
-            "queues": {"priority": 0, "standard": counts.get("pending", 0), "total": counts.get("pending", 0)},
+            "queues": {"priority": 0, "standard": counts.get("pending", 0),
+                       "total": counts.get("pending", 0)},
             "jobs": {"total": sum(counts.values()),
                      "status": {"pending": counts.get("pending", 0), "active": active,
                                 "completed": counts.get("completed", 0), "failed": failed},

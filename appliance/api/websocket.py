@@ -110,7 +110,7 @@ class WebSocket:
         """Whether frames may be written to the OS socket directly (a plain, non-TLS socket)."""
         return type(self.sock).__name__ == "socket"
 
-    # -- sending --------------------------------------------------------------------------------------------
+    # -- sending -------------------------------------------------------------------------------------------
     def _write(self, event: Any) -> bool:
         with self._lock:
             try:
@@ -152,7 +152,7 @@ class WebSocket:
         except OSError:
             pass
 
-    # -- receiving ------------------------------------------------------------------------------------------
+    # -- receiving -----------------------------------------------------------------------------------------
     def receive(self) -> str | bytes | None:
         """The next whole message, or None when the connection has closed."""
         while True:

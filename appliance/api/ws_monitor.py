@@ -147,7 +147,8 @@ class StatsTicker:
             text = messages.dumps(monitor.stats_broadcast(self.live.queue, ids))
             for session in hub_era:
                 session.push(text)
-        others = [s for s in sessions if s.dialect == "monitor" and messages.topic_match("system_stats", s.topics)]
+        others = [s for s in sessions
+                  if s.dialect == "monitor" and messages.topic_match("system_stats", s.topics)]
         if others and tick % 5 == 0:
             text = messages.dumps({"type": "system_stats", "stats": monitor.system_stats(self.live.queue),
                                    "timestamp": clock.now_ms()})

@@ -61,7 +61,7 @@ class Session:
         self.handlers: dict[str, Handler] = {}
         self._writer: gevent.Greenlet | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve the connection until it closes."""
         registry = self.live.registry
@@ -97,7 +97,7 @@ class Session:
         if self.ws.open:
             self.ws.abort()
 
-    # -- outgoing -------------------------------------------------------------------------------------------
+    # -- outgoing ------------------------------------------------------------------------------------------
     def now(self) -> Any:
         ms = clock.now_ms()
         return clock.iso(ms) if self.iso_timestamps else ms
@@ -172,7 +172,7 @@ class Session:
         rendered: list[str] = entry.rendered(self.kind, messages.legacy)
         return rendered
 
-    # -- incoming -------------------------------------------------------------------------------------------
+    # -- incoming ------------------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
             self.error("Binary frames are not supported; send JSON text messages")
@@ -216,7 +216,7 @@ class Session:
     def message_id(self, message: dict[str, Any]) -> Any:
         return message.get("id", message.get("message_id"))
 
-    # -- shared handlers ------------------------------------------------------------------------------------
+    # -- shared handlers -----------------------------------------------------------------------------------
     def submit(self, message: dict[str, Any], body: Any) -> str:
         job_id = self.live.queue.submit(JobSpec.parse(body))
         self.reply("job_submitted", job_id=job_id, message_id=self.message_id(message),
@@ -279,8 +279,8 @@ class LegacySession(Session):
     def on_submit_job(self, message: dict[str, Any]) -> None:
         data = message.get("data")
         if not isinstance(data, dict):
-            raise ValidationError("data", "required: the job fields (service_required, priority, payload, ...) "
-                                          "under \"data\"")
+            raise ValidationError("data", "required: the job fields (service_required, priority, payload, "
+                                          "...) under \"data\"")
         self.submit(message, data)
 
 
