@@ -206,8 +206,8 @@ class Hub:
     def history(self, stream: str, after: str | None, count: int = HISTORY_PAGE) -> list[Entry]:
         """Entries of `stream` after `after` (all of them when None), oldest first, one page."""
         start = "-" if after is None else f"({after}"
-        return [Entry(stream, entry_id, fields) for entry_id, fields in
-                self.client.xrange(stream, start, "+", count=count)]
+        raw: Any = self.client.xrange(stream, start, "+", count=count)
+        return [Entry(stream, entry_id, fields) for entry_id, fields in raw]
 
     def last_id(self, stream: str) -> str:
         """The id of the newest entry of `stream` ("0-0" when it is empty or missing)."""
@@ -215,7 +215,7 @@ class Hub:
         return str(newest[0][0]) if newest else "0-0"
 
     def join(self, sub: Subscriber, stream: str, after: str | None,
-             deliver: Callable[[Entry], None]) -> None:
+             deliver: Callable[[Entry], Any]) -> None:
         """Read `stream` after `after` (`deliver` gets each entry), then follow it live through `sub`'s queue.
 
         Loops until the history read has caught up with the reader's cursor, then registers without
@@ -295,7 +295,7 @@ class Hub:
         backoff = 0.1
         while self._running:
             self._wake_pending = False      # this read includes every stream registered so far
-            streams = {**self.cursors, self.wake_key: "$"}
+            streams: dict[Any, Any] = {**self.cursors, self.wake_key: "$"}
             try:
                 reply = self.blocking.xread(streams, count=READ_COUNT, block=self.block_ms)
                 backoff = 0.1

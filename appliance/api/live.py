@@ -86,14 +86,14 @@ def session_for(ws: WebSocket, live: Live, path: str) -> Session | None:
 class LiveApp:
     """The WSGI callable gunicorn serves: WebSocket upgrades here, all other requests to Falcon."""
 
-    def __init__(self, falcon_app: falcon.App, live: Live, services: LiveServices | None = None):
+    def __init__(self, falcon_app: falcon.App[Any, Any], live: Live, services: LiveServices | None = None):
         self.falcon_app = falcon_app
         self.live = live
         self.services = services
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
-            return self.falcon_app(environ, start_response)  # type: ignore[no-any-return]
+            return self.falcon_app(environ, start_response)
         settings = self.live.settings
         try:
             ws = WebSocket.accept(environ, settings.ws_max_message_bytes, settings.ws_ping_interval_s)

@@ -28,14 +28,15 @@ _BUCKETS = {"pending": ("pending",), "active": ("assigned", "in_progress"), "com
             "failed": ("failed", "cancelled", "timeout", "unworkable")}
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def flat_capabilities(worker: dict[str, Any]) -> dict[str, Any]:
     """A worker's capabilities as the monitors read them (hardware lifted to the top, model names only)."""
-    caps = worker.get("capabilities")
-    caps = caps if isinstance(caps, dict) else {}
-    hardware = caps.get("hardware") if isinstance(caps.get("hardware"), dict) else {}
-    models = caps.get("models") if isinstance(caps.get("models"), dict) else {}
-    access = caps.get("customer_access") if isinstance(caps.get("customer_access"), dict) else {}
-    performance = caps.get("performance") if isinstance(caps.get("performance"), dict) else {}
+    caps = _dict(worker.get("capabilities"))
+    hardware, models = _dict(caps.get("hardware")), _dict(caps.get("models"))
+    access, performance = _dict(caps.get("customer_access")), _dict(caps.get("performance"))
     names = sorted({str(m) for listed in models.values() if isinstance(listed, list) for m in listed})
     return {
         "gpu_count": hardware.get("gpu_count", 0),

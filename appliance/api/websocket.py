@@ -103,7 +103,7 @@ class WebSocket:
     @property
     def busy(self) -> bool:
         """Whether a write is under way (another greenlet holds the lock, maybe waiting on the socket)."""
-        return self._lock.locked()
+        return bool(self._lock.locked())
 
     @property
     def direct_ok(self) -> bool:

@@ -95,12 +95,12 @@ class MonitorSession(Session):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= RESYNC_MAX:
             raise ValidationError("max_events", f"expected an integer from 1 to {RESYNC_MAX}")
         events = self.live.queue.keys.events
-        raw = self.live.hub.client.xrange(events, int(since), "+", count=limit + 1)
+        raw: Any = self.live.hub.client.xrange(events, int(since), "+", count=limit + 1)
         entries = [Entry(events, entry_id, fields) for entry_id, fields in raw]
         out: list[Any] = []
         for entry in entries[:limit]:
             out.extend(orjson.loads(text) for _, text in messages.monitor(entry))
-        oldest = self.live.hub.client.xrange(events, "-", "+", count=1)
+        oldest: Any = self.live.hub.client.xrange(events, "-", "+", count=1)
         self.reply("resync_response", monitor_id=self.id, events=out, has_more=len(entries) > limit,
                    oldest_available_timestamp=int(oldest[0][0].split("-")[0]) if oldest else None)
 
