@@ -225,3 +225,12 @@ def test_subscribe_progress_resumes_after_last_event_id(api: Api, queue: Queue) 
     done = recv(ws)
     assert done["event"] == "completed" and done["id"] == worker.stream_ids(job_id)[-1]
     ws.close()
+
+
+def test_offered_subprotocol_is_echoed(api: Api) -> None:
+    import websocket
+
+    ws = websocket.create_connection(api.ws_url + "/ws/monitor/m1", timeout=10, subprotocols=["appliance.v1"])
+    assert ws.getsubprotocol() == "appliance.v1"
+    assert recv(ws)["type"] == "connected"
+    ws.close()

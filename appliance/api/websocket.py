@@ -93,7 +93,9 @@ class WebSocket:
             raise HandshakeError(f"Invalid WebSocket handshake: {exc}") from None
         if request is None:
             raise HandshakeError("Invalid WebSocket handshake: incomplete upgrade request")
-        sock.sendall(conn.send(AcceptConnection()))
+        # browsers fail the connection unless one of the subprotocols they offer comes back
+        subprotocol = request.subprotocols[0] if request.subprotocols else None
+        sock.sendall(conn.send(AcceptConnection(subprotocol=subprotocol)))
         return cls(sock, conn, environ.get("PATH_INFO") or "/", max_message_bytes, ping_interval_s)
 
     @property

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
 WRITE_BATCH = 64           # queued messages sent in one socket write
+MAX_SUBSCRIPTIONS = 1000   # jobs one connection may follow at once
 
 
 @dataclass
@@ -234,6 +235,9 @@ class Session:
             raise ValidationError("last_event_id", "expected a stream entry id such as 1700000000000-0")
         if not self.live.hub.client.exists(self.live.queue.keys.job(job_id)):
             raise JobNotFound(job_id)
+        if len(self.sub.streams) >= MAX_SUBSCRIPTIONS:
+            raise ValidationError("job_id", f"this connection already follows {MAX_SUBSCRIPTIONS} jobs; "
+                                            "unsubscribe_progress from some first")
         self.reply("subscribed", job_id=job_id, message_id=self.message_id(message))
         self.follow_job(job_id, after)
 
