@@ -95,12 +95,15 @@ def follow_ws(environment: Any, url: str, job_id: str, timeout_s: float) -> str:
                 continue
             event = _delivered(environment, "WS", message, started)
             if event in TERMINAL:
+                # websocket-client's close() wraps its work in a bare `except`, which would swallow a
+                # greenlet kill (locust stopping users) and leave the user running: no handshake wait here
+                ws.close(timeout=0)
                 return event
         raise FollowError(f"no terminal event within {timeout_s:.0f}s")
     except websocket.WebSocketTimeoutException:
         raise FollowError(f"no terminal event within {timeout_s:.0f}s") from None
     finally:
-        ws.close(timeout=1)
+        ws.shutdown()
 
 
 def timed_follow(environment: Any, kind: str, follow: Any, *args: Any) -> str | None:

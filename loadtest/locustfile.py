@@ -146,14 +146,16 @@ class FanoutProducer(DrillUser):
 
 class _Subscriber(DrillUser):
     abstract = True
-    wait_time = constant(0)
+    wait_time = between(0.2, 1.0)
 
     def pick(self) -> str | None:
-        jobs = self.drill.live_jobs
-        if not jobs:
-            gevent.sleep(0.2)
-            return None
-        return random.choice(list(jobs)[-10:])
+        """A job still running (the producer adds them, followers drop them when they end)."""
+        jobs = list(self.drill.live_jobs)
+        return random.choice(jobs) if jobs else None
+
+    def ended(self, job_id: str, event: str | None) -> None:
+        if event is not None and job_id in self.drill.live_jobs:
+            self.drill.live_jobs.remove(job_id)
 
 
 class SseSubscriber(_Subscriber):
@@ -162,8 +164,8 @@ class SseSubscriber(_Subscriber):
         job_id = self.pick()
         if job_id:
             host, port = self.drill.host_port
-            timed_follow(self.environment, "SSE", follow_sse, self.environment, host, port, job_id,
-                         FOLLOW_TIMEOUT_S)
+            self.ended(job_id, timed_follow(self.environment, "SSE", follow_sse, self.environment, host, port,
+                                            job_id, FOLLOW_TIMEOUT_S))
 
 
 class WsSubscriber(_Subscriber):
@@ -171,8 +173,8 @@ class WsSubscriber(_Subscriber):
     def follow(self) -> None:
         job_id = self.pick()
         if job_id:
-            timed_follow(self.environment, "WS", follow_ws, self.environment, self.drill.ws_url, job_id,
-                         FOLLOW_TIMEOUT_S)
+            self.ended(job_id, timed_follow(self.environment, "WS", follow_ws, self.environment, self.drill.ws_url,
+                                            job_id, FOLLOW_TIMEOUT_S))
 
 
 SCENARIOS: dict[str, list[type[DrillUser]]] = {

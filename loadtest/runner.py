@@ -132,7 +132,11 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     last = client.xrevrange(keys.events, "+", "-", count=1)
     since_id = last[0][0] if last else "0-0"
     env = Environment(user_classes=SCENARIOS[args.scenario], host=host)
-    env.drill = Drill(args.scenario, host, scenario.job_ms, scenario.steps)  # type: ignore[attr-defined]
+    job_ms, steps = scenario.job_ms, scenario.steps
+    if args.scenario == "fanout":  # long jobs (a third of the drill, 2..12 s), 4 steps a second: steady streams
+        length_ms = int(min(12.0, max(2.0, duration / 3)) * 1000)
+        job_ms, steps = (int(length_ms * 0.8), int(length_ms * 1.2)), max(4, length_ms * 4 // 1000)
+    env.drill = Drill(args.scenario, host, job_ms, steps)  # type: ignore[attr-defined]
     runner = env.create_local_runner()
     csv_writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, str(run_dir / "locust"), full_history=False)
     background = [gevent.spawn(stats_history, runner), gevent.spawn(csv_writer.stats_writer)]
@@ -145,12 +149,14 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     rate = args.spawn_rate or scenario.spawn_rate
     say(f"{args.scenario}: {users} users (spawn rate {rate:g}/s) for {duration:g}s against {host}")
     started = time.time()
+    cpu_started = time.process_time()
     runner.start(users, spawn_rate=rate)
     if chaos:
         chaos.start()
     _progress(env, started, duration)
     _stop_users(runner, run_dir)
     load_s = time.time() - started
+    client_cpu = (time.process_time() - cpu_started) / load_s
     if chaos:
         chaos.stop()
     drill_state = env.drill  # type: ignore[attr-defined]
@@ -173,8 +179,10 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
         greenlet.kill(block=False)
     csv_writer.close_files()
     (run_dir / "report.html").write_text(get_html_report(env, show_download_link=False))
-    return report.summarize(args.scenario, host, users, workers, load_s, waited, env, drill_state, result,
-                            chaos.log if chaos else None)
+    summary = report.summarize(args.scenario, host, users, workers, load_s, waited, env, drill_state, result,
+                               chaos.log if chaos else None)
+    summary["client_cpu"] = round(client_cpu, 2)
+    return summary
 
 
 def _stop_users(runner: Any, run_dir: Path, timeout_s: float = 30.0) -> None:
