@@ -88,7 +88,7 @@ def unfinished(client: redis.Redis, keys: Keys, job_ids: Sequence[str]) -> list[
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
             pipe.hget(keys.job(job_id), "status")
-        for job_id, status in zip(chunk, pipe.execute()):
+        for job_id, status in zip(chunk, pipe.execute(), strict=True):
             if status not in TERMINAL:
                 left.append(job_id)
     return left

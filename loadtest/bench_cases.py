@@ -17,6 +17,7 @@ import redis
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
 
+
 def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 

@@ -1,9 +1,9 @@
 """The RQ half of the benchmark. Runs inside RQ's own virtual environment (var/bench/rq-venv), never .venv.
 
-`python rq_side.py URL JOBS WORKERS LOGDIR [THREADS [LOG_LEVEL]]` starts WORKERS `rq worker -w rq.SimpleWorker` processes on the
-Redis at URL, warms them up, enqueues JOBS no-op jobs one `enqueue` call each from THREADS threads (as the appliance side submits),
-waits until all are finished, stops the workers and prints one JSON line with the figures.
-It imports nothing from the appliance, so that RQ's dependencies never meet ours.
+`python rq_side.py URL JOBS WORKERS LOGDIR [THREADS [LOG_LEVEL]]` starts WORKERS `rq worker -w
+rq.SimpleWorker` processes on the Redis at URL, warms them up, enqueues JOBS no-op jobs one `enqueue` call each
+from THREADS threads (as the appliance side submits), waits until all are finished, stops the workers and
+prints one JSON line with the figures. It imports nothing from the appliance, so that RQ's dependencies never meet ours.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 
 def noop() -> dict[str, bool]:
     """The job: returns at once, like the appliance's `noop` connector."""
