@@ -106,7 +106,7 @@ class ClassBook:
         for worker_id in ids:
             pipe.hget(self.keys.worker(worker_id), "capabilities")
         workers: dict[str, dict[str, Any]] = {}
-        for worker_id, text in zip(ids, pipe.execute()):
+        for worker_id, text in zip(ids, pipe.execute(), strict=False):
             try:
                 caps = orjson.loads(text) if text else None
             except orjson.JSONDecodeError:
@@ -144,7 +144,7 @@ class ClassBook:
         pipe = self.client.pipeline(transaction=False)
         for job_class in classes:
             pipe.zcard(self.keys.unworkable_class(job_class.id))
-        waiting = dict(zip((c.id for c in classes), pipe.execute()))
+        waiting = dict(zip((c.id for c in classes), pipe.execute(), strict=False))
         marked = revived = 0
         workers: dict[str, dict[str, Any]] | None = None
         for job_class in classes:

@@ -20,8 +20,18 @@ from supervisor.xmlrpc import SupervisorTransport
 from appliance.drill import run_drill
 from appliance.queue import Queue
 from appliance.redis_conn import connect
-from appliance.runtime import (HOME, Paths, plan_redis, read_env_file, redis_server_binary, run_paths,
-                               venv_dir, worker_programs, workers_conf, write_atomic)
+from appliance.runtime import (
+    HOME,
+    Paths,
+    plan_redis,
+    read_env_file,
+    redis_server_binary,
+    run_paths,
+    venv_dir,
+    worker_programs,
+    workers_conf,
+    write_atomic,
+)
 from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
 
 START_TIMEOUT_S = 90

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from typing import Any
 
@@ -52,14 +53,14 @@ class Queue:
         fields = self.client.hgetall(self.keys.job(job_id))
         return public_job(fields) if fields else None
 
-    def get_many(self, job_ids: list[str]) -> list[dict[str, Any]]:
+    def get_many(self, job_ids: builtins.list[str]) -> builtins.list[dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.keys.job(job_id))
         return [public_job(fields) for fields in pipe.execute() if fields]
 
     def list(self, status: str | None = None, service: str | None = None, limit: int = 50,
-             offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+             offset: int = 0) -> tuple[builtins.list[dict[str, Any]], int]:
         """Jobs newest first, filtered by status and/or service, from the indexes; returns (page, total)."""
         self.scripts.prune()
         k = self.keys
@@ -92,12 +93,12 @@ class Queue:
         pipe = self.client.pipeline(transaction=False)
         for status in STATUS_VALUES:
             pipe.zcard(self.keys.index_status(status))
-        return dict(zip(STATUS_VALUES, (int(n) for n in pipe.execute())))
+        return dict(zip(STATUS_VALUES, (int(n) for n in pipe.execute()), strict=False))
 
-    def worker_ids(self) -> list[str]:
+    def worker_ids(self) -> builtins.list[str]:
         return sorted(self.client.smembers(self.keys.workers_active))
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> builtins.list[dict[str, Any]]:
         """Registered workers with their record and heartbeat age (seconds), sorted by id."""
         ids = self.worker_ids()
         pipe = self.client.pipeline(transaction=False)
@@ -107,7 +108,7 @@ class Queue:
         replies = pipe.execute()
         now = clock.now_ms()
         workers = []
-        for worker_id, fields, ttl in zip(ids, replies[::2], replies[1::2]):
+        for worker_id, fields, ttl in zip(ids, replies[::2], replies[1::2], strict=False):
             if not fields:
                 continue
             workers.append(public_worker(worker_id, fields, int(ttl), now))

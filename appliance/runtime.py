@@ -169,7 +169,7 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
         chosen = usable if wanted < 0 else usable[:wanted]
         programs = [_gpu_program(n, env, g.uuid, g.index, g.name, g.memory_total_gb, g.uuid)
                     for n, g in enumerate(chosen, 1)]
-        owners = ", ".join(f"{p.name}=GPU {g.index} {g.name} {g.uuid}" for p, g in zip(programs, chosen))
+        owners = ", ".join(f"{p.name}=GPU {g.index} {g.name} {g.uuid}" for p, g in zip(programs, chosen, strict=False))
         note = f"NVML (driver {found.driver or '?'}) found {len(found.gpus)} GPUs: one worker each ({owners})"
         if skipped:
             note += "; not usable: " + ", ".join(f"GPU {g.index} {g.uuid} ({g.error})" for g in skipped)

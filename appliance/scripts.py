@@ -122,7 +122,7 @@ class Scripts:
         k = self.keys
         reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), *queues],
                            [worker_id, count, lease_ms], now_ms)
-        jobs = [Claimed(dict(zip(flat[::2], flat[1::2]))) for flat in reply[1:]]
+        jobs = [Claimed(dict(zip(flat[::2], flat[1::2], strict=False))) for flat in reply[1:]]
         next_due = int(reply[0])
         return ClaimResult(jobs, None if next_due < 0 else next_due)
 

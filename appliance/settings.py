@@ -6,6 +6,7 @@ the value and what was expected; entry points print it as one line and exit 2.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import socket
@@ -25,23 +26,23 @@ class SettingsError(ValueError):
 class Env:
     """Reads typed values from an environment mapping, naming the variable in every error."""
 
-    def __init__(self, env: Mapping[str, str]):
+    def __init__(self, env: Mapping[builtins.str, builtins.str]):
         self._env = env
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         value = self._env.get(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()
 
-    def str(self, name: str, default: str, *fallbacks: str) -> str:
+    def str(self, name: builtins.str, default: builtins.str, *fallbacks: builtins.str) -> builtins.str:
         for key in (name, *fallbacks):
             value = self.raw(key)
             if value is not None:
                 return value
         return default
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+    def int(self, name: builtins.str, default: builtins.int, lo: builtins.int, hi: builtins.int) -> builtins.int:
         value = self.raw(name)
         if value is None:
             return default
@@ -53,7 +54,8 @@ class Env:
             raise SettingsError(f"{name}={value!r}: expected an integer from {lo} to {hi}")
         return number
 
-    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float, lo: builtins.float,
+              hi: builtins.float) -> builtins.float:
         value = self.raw(name)
         if value is None:
             return default
@@ -65,7 +67,7 @@ class Env:
             raise SettingsError(f"{name}={value!r}: expected a number from {lo:g} to {hi:g}")
         return number
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(name)
         if value is None:
             return default
@@ -76,7 +78,7 @@ class Env:
             return False
         raise SettingsError(f"{name}={value!r}: expected true or false")
 
-    def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def list(self, name: builtins.str, default: tuple[builtins.str, ...]) -> tuple[builtins.str, ...]:
         value = self.raw(name)
         if value is None:
             return default
@@ -85,7 +87,7 @@ class Env:
             raise SettingsError(f"{name}={value!r}: expected a comma-separated list")
         return items
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
         value = self.raw(name)
         if value is None:
             return default
@@ -93,7 +95,7 @@ class Env:
             raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
         return value.lower()
 
-    def ident(self, name: str, default: str) -> str:
+    def ident(self, name: builtins.str, default: builtins.str) -> builtins.str:
         value = self.str(name, default)
         if not _ID_RE.match(value):
             raise SettingsError(
@@ -101,7 +103,7 @@ class Env:
             )
         return value
 
-    def redis_url(self, name: str, *fallbacks: str) -> str:
+    def redis_url(self, name: builtins.str, *fallbacks: builtins.str) -> builtins.str:
         value = self.str(name, DEFAULT_REDIS_URL, *fallbacks)
         # name the variable the value came from (a worker may read REDIS_URL in place of HUB_REDIS_URL)
         name = next((key for key in (name, *fallbacks) if self.raw(key) is not None), name)
@@ -110,7 +112,7 @@ class Env:
             raise SettingsError(f"{name}={redact_url(value)!r}: expected a redis://, rediss:// or unix:// URL")
         if parts.scheme != "unix":
             try:
-                parts.port
+                _ = parts.port
             except ValueError:
                 raise SettingsError(f"{name}={redact_url(value)!r}: the port is not a number") from None
         return value

@@ -7,6 +7,7 @@ drive the loop and its clock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -240,9 +241,10 @@ class Worker:
         context, claimed = job.context, job.claimed
         job_id, attempt = claimed.id, claimed.attempt
         reason = context.stop_reason
-        outcome = runner.value if runner.successful() else None
-        finished = isinstance(outcome, Outcome) and outcome.error is None
-        error = outcome.error if isinstance(outcome, Outcome) else None
+        outcome = runner.value if runner.successful() and isinstance(runner.value, Outcome) else \
+            Outcome(error=JobStopped("the connector's run was stopped"))
+        finished = outcome.error is None
+        error = outcome.error
         if finished:
             try:  # a result that cannot be stored fails the job (else it stays held forever)
                 orjson.dumps(outcome.value)
@@ -302,9 +304,7 @@ class Worker:
     def _flush_progress(self, job: Running, *, persist: bool) -> None:
         claimed = job.claimed
         while job.backlog:
-            percent, message, step, total = job.backlog[0]
-            write = lambda: self.scripts.progress(claimed.id, self.id, claimed.attempt,  # noqa: E731
-                                                  percent, message, step, total)
+            write = functools.partial(self.scripts.progress, claimed.id, self.id, claimed.attempt, *job.backlog[0])
             try:
                 self._persist(write) if persist else write()
             except (JobLost, JobNotFound):

@@ -4,14 +4,14 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import logging  # noqa: E402
-import sys  # noqa: E402
+import logging
+import sys
 
-from appliance.connector import load_connectors  # noqa: E402
-from appliance.logs import setup_logging  # noqa: E402
-from appliance.redis_conn import connect  # noqa: E402
-from appliance.settings import SettingsError, WorkerSettings  # noqa: E402
-from appliance.worker import Worker  # noqa: E402
+from appliance.connector import load_connectors
+from appliance.logs import setup_logging
+from appliance.redis_conn import connect
+from appliance.settings import SettingsError, WorkerSettings
+from appliance.worker import Worker
 
 
 def main() -> int:

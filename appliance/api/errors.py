@@ -19,8 +19,8 @@ def envelope(error: str, **extra: Any) -> dict[str, Any]:
     return {"success": False, "error": error, **extra, "timestamp": clock.iso(clock.now_ms())}
 
 
-def _respond(resp: falcon.Response, status: str, error: str, **extra: Any) -> None:
-    resp.status = status
+def _respond(resp: falcon.Response, http_status: str, error: str, /, **extra: Any) -> None:
+    resp.status = http_status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(envelope(error, **extra))
 

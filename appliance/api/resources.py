@@ -11,7 +11,7 @@ import redis
 
 from appliance import clock
 from appliance.errors import JobNotFound, ValidationError
-from appliance.jobs import STATUS_VALUES, SERVICE_RE, JobSpec
+from appliance.jobs import SERVICE_RE, STATUS_VALUES, JobSpec
 from appliance.queue import LIST_LIMIT_MAX, Queue
 
 
@@ -24,10 +24,10 @@ def _ok(resp: falcon.Response, body: dict[str, Any], status: str = falcon.HTTP_2
 def read_json(req: falcon.Request, max_bytes: int) -> Any:
     """The request body as JSON, or a ValidationError naming `body`."""
     if req.content_length is not None and req.content_length > max_bytes:
-        raise falcon.HTTPPayloadTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
+        raise falcon.HTTPContentTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
     raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise falcon.HTTPPayloadTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
+        raise falcon.HTTPContentTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
     if not raw.strip():
         raise ValidationError("body", "empty; send a JSON object such as {\"service_required\": \"simulation\"}")
     try:

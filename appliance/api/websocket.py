@@ -17,8 +17,7 @@ import gevent
 import gevent.lock
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import (AcceptConnection, CloseConnection, Message, Ping, Pong, Request,
-                            TextMessage)
+from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Pong, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ class WebSocket:
             self.sock.settimeout(timeout)
             try:
                 data = self.sock.recv(RECV_BYTES)
-            except socket.timeout:
+            except TimeoutError:
                 if self._closing_since is not None:
                     return None
                 if time.monotonic() - self._last_heard > 2 * self.ping_interval_s:
