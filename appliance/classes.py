@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -64,7 +64,8 @@ class ClassBook:
         ids = sorted({cid for members in pipe.execute() for cid in members})
         if not ids:
             return []
-        records = self.client.mget([self.keys.requirement_class(cid) for cid in ids])
+        # connect() decodes replies, so redis-py's `bytes | str` values are str here
+        records = cast(list[str | None], self.client.mget([self.keys.requirement_class(cid) for cid in ids]))
         return [RequirementClass.from_record(text) for text in records if text]
 
     # -- unworkable ---------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class ClassBook:
         now = time.monotonic()
         if cached and now - self._workers_at < WORKERS_CACHE_S:
             return self._workers
-        ids = sorted(self.client.smembers(self.keys.workers_active))
+        ids = sorted(cast(set[str], self.client.smembers(self.keys.workers_active)))
         pipe = self.client.pipeline(transaction=False)
         for worker_id in ids:
             pipe.hget(self.keys.worker(worker_id), "capabilities")

@@ -208,13 +208,15 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
 
 def gpu_owned(worker: dict[str, Any]) -> str:
     """Which GPU a registered worker owns, from its capabilities and latest heartbeat (for status)."""
-    caps = worker.get("capabilities") if isinstance(worker.get("capabilities"), dict) else {}
+    recorded = worker.get("capabilities")
+    caps = recorded if isinstance(recorded, dict) else {}
     hw = caps.get("hardware") or {}
     if not hw.get("gpu_uuid") and not hw.get("gpu_device"):
         return "none (CPU worker)"
     device = hw.get("gpu_uuid") or hw.get("gpu_device")
     owned = f"{hw.get('gpu_index') or '?'}:{hw.get('gpu_model') or '?'}:{device}"
-    telemetry = worker.get("telemetry") if isinstance(worker.get("telemetry"), dict) else {}
+    latest = worker.get("telemetry")
+    telemetry = latest if isinstance(latest, dict) else {}
     gpu = telemetry.get("gpu") or {}
     if gpu.get("ok") is False:
         owned += f" (NVML: {gpu.get('error')})"

@@ -214,8 +214,8 @@ def _unmet(kind: str, want: Any, service: str, caps: dict[str, Any],
         return f"gpu_model {model or '(none)'!r} is not one of {want}"
     if kind == "models":
         models = caps.get("models") or {}
-        have = set(models.get(service) or []) if isinstance(models, dict) else set(models)
-        missing = [m for m in want if m not in have]
+        held = set(models.get(service) or []) if isinstance(models, dict) else set(models)
+        missing = [m for m in want if m not in held]
         return f"lacks models {missing}" if missing else None
     if kind == "customer_isolation":
         isolation = (caps.get("customer_access") or {}).get("isolation", "loose")

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT
 
 from appliance.keys import Keys
 
@@ -45,8 +46,9 @@ class OutputStore:
         if not files:
             return
         key = self.keys.job_outputs(job_id)
-        mapping = {f.name: orjson.dumps({"content_type": f.content_type, "size": len(f.data), "node": f.node,
-                                         "data": base64.b64encode(f.data).decode()}).decode() for f in files}
+        mapping: dict[EncodableT, EncodableT] = {
+            f.name: orjson.dumps({"content_type": f.content_type, "size": len(f.data), "node": f.node,
+                                  "data": base64.b64encode(f.data).decode()}).decode() for f in files}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -50,7 +50,8 @@ class Queue:
         return spec.id
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        fields = self.client.hgetall(self.keys.job(job_id))
+        # connect() decodes replies, so redis-py's `bytes | str` values are str here
+        fields = cast(dict[str, str], self.client.hgetall(self.keys.job(job_id)))
         return public_job(fields) if fields else None
 
     def get_many(self, job_ids: builtins.list[str]) -> builtins.list[dict[str, Any]]:
@@ -96,7 +97,7 @@ class Queue:
         return dict(zip(STATUS_VALUES, (int(n) for n in pipe.execute()), strict=False))
 
     def worker_ids(self) -> builtins.list[str]:
-        return sorted(self.client.smembers(self.keys.workers_active))
+        return sorted(cast(set[str], self.client.smembers(self.keys.workers_active)))
 
     def workers(self) -> builtins.list[dict[str, Any]]:
         """Registered workers with their record and heartbeat age (seconds), sorted by id."""

@@ -39,7 +39,7 @@ class HostSampler:
 
     @staticmethod
     def ram_total_gb() -> float:
-        return round(psutil.virtual_memory().total / 1024**3, 1)
+        return round(float(psutil.virtual_memory().total) / 1024**3, 1)
 
     def sample(self) -> dict[str, Any]:
         memory = psutil.virtual_memory()

@@ -72,7 +72,8 @@ class SimulationConnector(Connector):
         fail = job.payload.get("fail")
         retryable = job.payload.get("fail_retryable", True) is not False
         attempt = int(job.attempt)
-        if fail is True or (_number(fail) is not None and attempt <= int(fail)):
+        fail_at = _number(fail)
+        if fail is True or (fail_at is not None and attempt <= int(fail_at)):
             raise ConnectorError(f"Simulated failure on attempt {attempt}", retryable=retryable)
         if self.failure_rate and random.random() < self.failure_rate:
             raise ConnectorError("Simulated random failure (WORKER_SIMULATION_FAILURE_RATE)")

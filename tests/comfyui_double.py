@@ -200,7 +200,7 @@ class ComfyDouble:
                               "extra_info": {}}, "node_errors": {}}
         for node_id, node in prompt.items():
             if "class_type" not in node:
-                return {"error": {"type": "invalid_prompt", "message": f"Cannot execute because a node is missing "
+                return {"error": {"type": "invalid_prompt", "message": "Cannot execute because a node is missing "
                                   "the class_type property.", "details": f"Node ID '#{node_id}'", "extra_info": {}},
                         "node_errors": {}}
             if node["class_type"] not in NODES:
@@ -405,7 +405,7 @@ class ComfyDouble:
 
     def _execute(self, item: dict[str, Any]) -> None:
         prompt, pid, cid = item["prompt"], item["prompt_id"], item["client_id"]
-        ts = lambda: int(time.time() * 1000)  # noqa: E731
+        ts = lambda: int(time.time() * 1000)
         messages: list[list[Any]] = []
 
         def event(kind: str, data: dict[str, Any], record: bool = False, broadcast: bool = False) -> None:

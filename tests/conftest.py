@@ -53,10 +53,11 @@ def redis_server() -> Iterator[str]:
         try:
             redis.Redis.from_url(url).ping()
             break
-        except redis.ConnectionError:
+        except redis.ConnectionError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"test redis-server did not start: {log.read_text() if log.exists() else ''}")
+                output = log.read_text() if log.exists() else ""
+                raise RuntimeError(f"test redis-server did not start: {output}") from exc
             time.sleep(0.05)
     yield url
     proc.terminate()

@@ -198,7 +198,7 @@ def test_concurrent_claims_from_four_processes(queue: Queue, client: redis.Redis
     for job_id in ids:
         pipe.hmget(k.job(job_id), "status", "worker_id", "attempt")
     owner = {job_id: worker for worker, got in results.items() for job_id in got}
-    for job_id, (status, worker_id, attempt) in zip(ids, pipe.execute()):
+    for job_id, (status, worker_id, attempt) in zip(ids, pipe.execute(), strict=True):
         assert (status, worker_id, attempt) == ("assigned", owner[job_id], "1")
     for worker, got in results.items():
         assert client.smembers(k.worker_jobs(worker)) == set(got)

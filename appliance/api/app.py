@@ -16,7 +16,8 @@ from appliance.redis_conn import connect
 from appliance.settings import ApiSettings
 
 
-def create_app(settings: ApiSettings, queue: Queue, live: Live | None = None) -> falcon.App:
+def create_app(settings: ApiSettings, queue: Queue,
+               live: Live | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     """The Falcon app over an existing queue client; opens no connection itself.
 
     With `live` (the process's stream reader and connection registry) it also serves job progress as SSE

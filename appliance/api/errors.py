@@ -66,7 +66,7 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception
                                     "(bin/appliance logs api)")
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.set_error_serializer(serialize_http_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(ValidationError, handle_validation)
