@@ -67,10 +67,12 @@ def table(s: dict[str, Any]) -> str:
     jobs, audit = s["jobs"], s["audit"]
     lines = [f"scenario {s['scenario']}: {s['users']} users for {s['load_s']:g}s against {s['host']} "
              f"({s['workers']} workers); drained in {s['drain_s']:g}s; load average {s['loadavg'][0]:.2f} on "
-             f"{s['cpus']} CPUs (shared machine: noisy); locust used {s.get('client_cpu', 0):.0%} of a CPU",
+             f"{s['cpus']} CPUs (shared machine: noisy)",
              f"jobs: accepted {jobs['accepted']:,} ({jobs['accepted_per_s']:.1f}/s), refused "
              f"{sum(jobs['refused'].values()):,}, finished {jobs['finished']:,}; throughput "
              f"{jobs['finished_per_s']:.1f} jobs/s (first submit to last end)",
+             "CPU over the load phase (1.0 = one core): locust " + f"{s.get('client_cpu', 0):.2f}"
+             + "".join(f", {name} {share:.2f}" for name, share in (s.get("program_cpu") or {}).items()),
              "",
              f"{'latency (ms)':<32} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'count':>8}"]
     for name, row in s["latency_ms"].items():

@@ -148,6 +148,7 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
             say("resilience without a supervisord socket (--supervisor-dir): no disruptions")
     rate = args.spawn_rate or scenario.spawn_rate
     say(f"{args.scenario}: {users} users (spawn rate {rate:g}/s) for {duration:g}s against {host}")
+    programs = ProgramCpu(socket_path)
     started = time.time()
     cpu_started = time.process_time()
     runner.start(users, spawn_rate=rate)
@@ -157,6 +158,7 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     _stop_users(runner, run_dir)
     load_s = time.time() - started
     client_cpu = (time.process_time() - cpu_started) / load_s
+    program_cpu = programs.shares(load_s)
     if chaos:
         chaos.stop()
     drill_state = env.drill  # type: ignore[attr-defined]
@@ -182,7 +184,52 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
     summary = report.summarize(args.scenario, host, users, workers, load_s, waited, env, drill_state, result,
                                chaos.log if chaos else None)
     summary["client_cpu"] = round(client_cpu, 2)
+    summary["program_cpu"] = program_cpu
     return summary
+
+
+class ProgramCpu:
+    """CPU time of the appliance's programs (and their children) over the load phase, via supervisord.
+
+    Processes restarted meanwhile (the resilience drill) count from their start; missing ones are skipped."""
+
+    def __init__(self, socket_path: Path | None):
+        self.before: dict[str, float] = {}
+        self.socket_path = socket_path if socket_path is not None and socket_path.exists() else None
+        if self.socket_path is not None:
+            self.before = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        import psutil
+
+        from loadtest.private import supervisor_rpc
+
+        out: dict[str, float] = {}
+        try:
+            infos = supervisor_rpc(self.socket_path).getAllProcessInfo()
+        except OSError:
+            return out
+        for info in infos:
+            if not info["pid"]:
+                continue
+            try:
+                proc = psutil.Process(info["pid"])
+                total = 0.0
+                for p in [proc, *proc.children(recursive=True)]:
+                    times = p.cpu_times()
+                    total += times.user + times.system
+            except psutil.Error:
+                continue
+            out[info["name"]] = total
+        return out
+
+    def shares(self, seconds: float) -> dict[str, float]:
+        """Each program's CPU over `seconds` as a share of one CPU (1.0 = one core busy)."""
+        if self.socket_path is None or seconds <= 0:
+            return {}
+        after = self._sample()
+        return {name: round(max(0.0, value - self.before.get(name, 0.0)) / seconds, 2)
+                for name, value in sorted(after.items())}
 
 
 def _stop_users(runner: Any, run_dir: Path, timeout_s: float = 30.0) -> None:
