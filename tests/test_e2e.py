@@ -60,7 +60,8 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any]]:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:
+            return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="module")
