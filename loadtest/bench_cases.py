@@ -60,13 +60,21 @@ def _completed(queue: Queue) -> int:
     return int(queue.client.hget(queue.keys.stats, "completed") or 0)
 
 
-def throughput(queue: Queue, jobs: int, threads: int = 4, service: str = "noop",
+def throughput(queue: Queue, jobs: int, threads: int = 4, rounds: int = 1, service: str = "noop",
                timeout_s: float = 600) -> dict[str, Any]:
-    """Submit `jobs` no-op jobs from `threads` threads; time until the workers have completed all of them."""
+    """Submit `jobs` no-op jobs from `threads` threads; time until the workers have completed all of them.
+
+    Done `rounds` times after a warm-up; `jobs_per_s` is the best round, `median_jobs_per_s` the median."""
     warm = min(200, jobs)
     base = _completed(queue)
     submit_many(queue, [JobSpec(service, priority=50) for _ in range(warm)])  # connections, scripts
     _wait_completed(queue, base + warm, timeout_s)
+    measured = [_one_round(queue, jobs, threads, service, timeout_s) for _ in range(rounds)]
+    rates = sorted(m["jobs_per_s"] for m in measured)
+    return {"jobs": jobs, "rounds": measured, "jobs_per_s": rates[-1], "median_jobs_per_s": rates[len(rates) // 2]}
+
+
+def _one_round(queue: Queue, jobs: int, threads: int, service: str, timeout_s: float) -> dict[str, Any]:
     base = _completed(queue)
     specs = [JobSpec(service, priority=50, payload={"n": n}) for n in range(jobs)]
     started = time.perf_counter()

@@ -49,7 +49,7 @@ def redis_binary() -> str:
 
 
 def run_rq(work: Path, venv: Path, jobs: int, workers: int, threads: int = 4,
-           log_level: str = "warning") -> dict[str, Any]:
+           log_level: str = "warning", rounds: int = 1) -> dict[str, Any]:
     """Start a redis-server configured like the appliance's (etc/redis.conf, AOF on), run the RQ side."""
     python = ensure_rq_venv(venv)
     data = work / "rq-redis"
@@ -70,7 +70,8 @@ def run_rq(work: Path, venv: Path, jobs: int, workers: int, threads: int = 4,
                 time.sleep(0.05)
         say(f"RQ: {jobs} no-op jobs, {workers} SimpleWorkers, redis-server on :{port}")
         proc = subprocess.run([str(python), str(HOME / "loadtest" / "rq_side.py"), url, str(jobs), str(workers),
-                               str(work), str(threads), log_level], capture_output=True, text=True, timeout=900)
+                               str(work), str(threads), log_level, str(rounds)],
+                              capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"RQ side failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

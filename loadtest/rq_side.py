@@ -1,9 +1,10 @@
 """The RQ half of the benchmark. Runs inside RQ's own virtual environment (var/bench/rq-venv), never .venv.
 
-`python rq_side.py URL JOBS WORKERS LOGDIR [THREADS [LOG_LEVEL]]` starts WORKERS `rq worker -w
+`python rq_side.py URL JOBS WORKERS LOGDIR [THREADS [LOG_LEVEL [ROUNDS]]]` starts WORKERS `rq worker -w
 rq.SimpleWorker` processes on the Redis at URL, warms them up, enqueues JOBS no-op jobs one `enqueue` call each
-from THREADS threads (as the appliance side submits), waits until all are finished, stops the workers and
-prints one JSON line with the figures. It imports nothing from the appliance, so that RQ's dependencies never meet ours.
+from THREADS threads (as the appliance side submits), waits until all are finished (ROUNDS times), stops
+the workers and prints one JSON line with the figures. It imports nothing from the appliance, so that RQ's
+dependencies never meet ours.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> int:
     url, jobs, workers, logdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     level = sys.argv[6].upper() if len(sys.argv) > 6 else "INFO"
+    rounds = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     conn = Redis.from_url(url)
     conn.flushdb()
     queue = Queue("bench", connection=conn)
@@ -65,9 +67,11 @@ def main() -> int:
             return enqueued, time.perf_counter() - started
 
         run(min(200, jobs))  # warm-up: imports, connections
-        enqueue_s, total_s = run(jobs)
-        print(json.dumps({"jobs": jobs, "workers": workers, "enqueue_s": enqueue_s, "total_s": total_s,
-                          "jobs_per_s": jobs / total_s}), flush=True)
+        measured = [run(jobs) for _ in range(rounds)]
+        rates = sorted(jobs / total_s for _, total_s in measured)
+        print(json.dumps({"jobs": jobs, "workers": workers, "rounds": [
+            {"enqueue_s": e, "total_s": t, "jobs_per_s": jobs / t} for e, t in measured],
+            "jobs_per_s": rates[-1], "median_jobs_per_s": rates[len(rates) // 2]}), flush=True)
         return 0
     finally:
         for proc in procs:
