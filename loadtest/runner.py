@@ -12,6 +12,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -27,6 +28,8 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_histor
 
 from appliance.keys import Keys  # noqa: E402
 from appliance.redis_conn import connect  # noqa: E402
+from appliance.runtime import run_paths  # noqa: E402
+from appliance.settings import QueueSettings, SettingsError  # noqa: E402
 from loadtest import report  # noqa: E402
 from loadtest.audit import audit, check_order, wait_for_drain  # noqa: E402
 from loadtest.chaos import Chaos  # noqa: E402
@@ -73,16 +76,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spawn-rate", type=float, help="users started per second")
     p.add_argument("--duration", type=float, help="seconds of load (then the queue drains and is audited)")
     p.add_argument("--workers", type=int, help="worker processes of the private appliance (WORKER_COUNT)")
-    p.add_argument("--host", help="use this running appliance instead of starting one (needs --redis-url)")
-    p.add_argument("--redis-url", help="the Redis of --host, for the audit")
-    p.add_argument("--supervisor-dir", type=Path, help="run folder of --host (its supervisor.sock) for chaos")
+    p.add_argument("--host", help="use this running appliance (e.g. http://127.0.0.1:3001) instead of starting one")
+    p.add_argument("--redis-url", help="the Redis of --host, for the audit (default: REDIS_URL, as the appliance)")
+    p.add_argument("--supervisor-dir", type=Path,
+                   help="run folder of --host, whose supervisor.sock the resilience drill uses (default: "
+                        "APPLIANCE_RUN_DIR, as the appliance)")
     p.add_argument("--drain", type=float, help="seconds to wait for accepted jobs to finish before the audit")
     p.add_argument("--run-dir", type=Path, help="where results go (default var/loadtest/SCENARIO-<time>)")
     p.add_argument("--keep", action="store_true", help="leave the private appliance running")
     p.add_argument("--json", type=Path, help="also write the summary JSON here")
     args = p.parse_args(argv)
-    if args.host and not args.redis_url:
-        p.error("--host needs --redis-url (the audit reads Redis)")
+    if args.host:
+        try:
+            args.redis_url = args.redis_url or QueueSettings.from_env(os.environ).redis_url
+            args.supervisor_dir = args.supervisor_dir or run_paths(os.environ).run_dir
+        except SettingsError as exc:
+            p.error(f"bad setting: {exc}")
     return args
 
 
@@ -100,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     appliance = None
     if args.host:
-        host, redis_url, socket_path = args.host.rstrip("/"), args.redis_url, None
-        if args.supervisor_dir:
-            socket_path = args.supervisor_dir / "supervisor.sock"
+        host, redis_url = args.host.rstrip("/"), args.redis_url
+        socket_path = args.supervisor_dir / "supervisor.sock"
     else:
         appliance = PrivateAppliance(run_dir / "appliance", workers, scenario.env, quiet=True)
         say(f"starting a private appliance ({workers} workers) in {appliance.run_dir}")
@@ -145,7 +153,7 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
         if socket_path is not None and socket_path.exists():
             chaos = Chaos(socket_path, duration, say)
         else:
-            say("resilience without a supervisord socket (--supervisor-dir): no disruptions")
+            say(f"resilience: no supervisord socket at {socket_path} (see --supervisor-dir): no disruptions")
     rate = args.spawn_rate or scenario.spawn_rate
     say(f"{args.scenario}: {users} users (spawn rate {rate:g}/s) for {duration:g}s against {host}")
     programs = ProgramCpu(socket_path)
@@ -175,6 +183,8 @@ def drill(args: argparse.Namespace, scenario: Scenario, host: str, redis_url: st
         result.problems.append("only one worker took jobs")
     if not job_ids:
         result.problems.append("no job was accepted: the drill measured nothing")
+    if args.scenario == "resilience" and not (chaos and chaos.log.counts.get("kill")):
+        result.problems.append("no worker was killed: the resilience drill disrupted nothing")
     runner.quit()
     gevent.sleep(1.1)  # the CSV writer's last pass
     for greenlet in background:
