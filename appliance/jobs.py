@@ -14,7 +14,8 @@ from appliance.errors import ValidationError
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 1_000_000, 50
 MAX_RETRIES_DEFAULT, MAX_RETRIES_MAX = 3, 100
-SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# No ":" in names: it separates the parts of Redis keys (jobs:pending:{service}:req:{class}).
+SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CUSTOMER_MAX = 256
 
 
@@ -104,8 +105,8 @@ class JobSpec:
             raise ValidationError("service_required", "required: the service that should run the job, "
                                                       "e.g. \"simulation\"")
         if not isinstance(service, str) or not SERVICE_RE.match(service):
-            raise ValidationError("service_required", "expected a name of letters, digits, '_', '.', ':' "
-                                                      f"or '-' (at most 128), got {service!r}")
+            raise ValidationError("service_required", "expected a name of letters, digits, '_', '.' or '-' "
+                                                      f"(at most 128), got {service!r}")
         timeout = body.get("timeout_seconds")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 7 * 86400:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # no ":": it separates key parts
 
 
 class SettingsError(ValueError):
@@ -99,7 +99,7 @@ class Env:
         value = self.str(name, default)
         if not _ID_RE.match(value):
             raise SettingsError(
-                f"{name}={value!r}: expected letters, digits, '_', '.', ':' or '-' (at most 128)"
+                f"{name}={value!r}: expected letters, digits, '_', '.' or '-' (at most 128)"
             )
         return value
 

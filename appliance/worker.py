@@ -204,6 +204,9 @@ class Worker:
         context = JobContext(fields, _json_object(fields.get("payload")), _json_object(fields.get("requirements")),
                              lambda pct, msg, step, total: self._report(claimed, pct, msg, step, total))
         job = Running(claimed, context)
+        old = self.running.get(claimed.id)
+        if old is not None:  # it lost the job (lease expired) and claimed it again: the old attempt is void
+            old.context.stop("lost")
         self.running[claimed.id] = job
         job.greenlet = gevent.spawn(self._execute, job)
         log.info("job claimed id=%s service=%s priority=%s attempt=%s", claimed.id, context.service,
@@ -224,7 +227,8 @@ class Worker:
                 self._hard_stop(connector, context, runner)
             self._record(job, runner)
         finally:
-            self.running.pop(claimed.id, None)
+            if self.running.get(claimed.id) is job:
+                del self.running[claimed.id]
             self._wake.set()
 
     def _hard_stop(self, connector: Connector, context: JobContext, runner: gevent.Greenlet) -> None:
@@ -295,7 +299,7 @@ class Worker:
     def _report(self, claimed: Claimed, percent: int, message: str, step: int | str, total: int | str) -> None:
         """Write a progress step; while Redis is down, hold steps (the latest BACKLOG_MAX) to deliver later."""
         job = self.running.get(claimed.id)
-        if job is None:
+        if job is None or job.claimed is not claimed:
             return
         job.backlog.append((percent, message, step, total))
         del job.backlog[:-BACKLOG_MAX]

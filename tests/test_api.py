@@ -213,6 +213,7 @@ BAD_SUBMISSIONS = [
     ({"service_required": "   "}, "service_required"),
     ({"service_required": 12}, "service_required"),
     ({"service_required": "has space"}, "service_required"),
+    ({"service_required": "comfyui:req:ab12"}, "service_required"),
     ({"service_required": "simulation", "priority": -1}, "priority"),
     ({"service_required": "simulation", "priority": 1_000_001}, "priority"),
     (b'{"service_required": "simulation", "priority": 1000000000000000000000000000000}', "priority"),

@@ -14,6 +14,7 @@ from conftest import ROOT
 
 BAD_WORKER = [
     ("WORKER_ID", "has space"),
+    ("WORKER_ID", "x:jobs"),
     ("WORKER_ID", "-leading-dash"),
     ("WORKER_ID", "x" * 200),
     ("WORKER_SERVICES", " , "),
