@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row("3 claim, nothing else pending p50/p95/p99", fmt(claim["alone_us"], "us", 0)))
         lines.append(row(f"3 claim, {claim['in_front']:,} other jobs in front", fmt(claim["behind_us"], "us", 0),
                          "same as alone (no scan)", "met" if claim["ratio_p50"] <= 1.5 else "MISSED"))
+        lines.append(row("  inside Redis per claim: alone / behind",
+                         f"{claim['server_alone_us']:.1f} / {claim['server_behind_us']:.1f} us"))
     fan = results.get("fanout")
     if fan is not None:
         lines.extend(fanout_rows(fan))

@@ -152,8 +152,11 @@ def claim_cost(queue: Queue, in_front: int, claims: int = 2000) -> dict[str, Any
     keys = [queue.keys.pending_service(mine)]
     scripts = queue.scripts
 
+    server: dict[str, float] = {}
+
     def measure(label: str) -> list[float]:
         submit_many(queue, [JobSpec(mine, priority=10) for _ in range(claims)])
+        before = _evalsha_stats(queue.client)
         times = []
         for _ in range(claims):
             started = time.perf_counter()
@@ -161,6 +164,9 @@ def claim_cost(queue: Queue, in_front: int, claims: int = 2000) -> dict[str, Any
             times.append((time.perf_counter() - started) * 1e6)
             if not result.jobs:
                 raise RuntimeError(f"claim cost ({label}): the claim found no job")
+        after = _evalsha_stats(queue.client)
+        calls = after[0] - before[0]
+        server[label] = (after[1] - before[1]) / calls if calls else float("nan")
         return times
 
     measure("warm-up")
@@ -180,7 +186,15 @@ def claim_cost(queue: Queue, in_front: int, claims: int = 2000) -> dict[str, Any
         say(f"  waited {waited:.1f}s for Redis's AOF rewrite (set off by the fill) to finish")
     behind = measure("behind")
     return {"claims": claims, "in_front": depth, "alone_us": _summary(alone), "behind_us": _summary(behind),
-            "ratio_p50": percentile(behind, 50) / percentile(alone, 50)}
+            "ratio_p50": percentile(behind, 50) / percentile(alone, 50),
+            "server_alone_us": server["alone"], "server_behind_us": server["behind"]}
+
+
+def _evalsha_stats(client: redis.Redis) -> tuple[int, int]:
+    """Redis's own count of EVALSHA calls and the microseconds it spent in them (INFO commandstats); the idle
+    workers' heartbeats add a few calls, the claims are the bulk."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 def _wait_aof_rewrite(client: redis.Redis, timeout_s: float = 120) -> float:
