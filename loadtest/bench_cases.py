@@ -110,12 +110,14 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
     client = queue.client
     observed: list[float] = []
     recorded: list[float] = []
+    submit_calls: list[float] = []
     for n in range(samples + 20):
         time.sleep(gap_s)  # the worker is idle again: its last job finished long ago
         spec = JobSpec(service, priority=50)
         stream = queue.keys.progress(spec.id)
         started = time.perf_counter()
         queue.submit(spec)
+        returned = time.perf_counter()
         last_id, assigned = "0", None
         while assigned is None:
             reply = client.xread({stream: last_id}, count=10, block=2000)
@@ -130,6 +132,7 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         seen = time.perf_counter()
         if n >= 20:  # the first ones warm up connections and scripts
             observed.append((seen - started) * 1000)
+            submit_calls.append((returned - started) * 1000)
             recorded.append(iso_ms(assigned["updated_at"]) - submitted_ms)
     pings = []
     for _ in range(samples):
@@ -137,6 +140,7 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         client.ping()
         pings.append((time.perf_counter() - started) * 1000)
     return {"samples": samples, "observed_ms": _summary(observed), "recorded_ms": _summary(recorded),
+            "submit_call_ms": _summary(submit_calls),
             "ping_ms": _summary(pings)}
 
 
