@@ -7,9 +7,9 @@ Scenarios (SCENARIOS maps each name to its user classes):
 - resilience: steady submissions while workers and Redis are killed and restarted ("Resilience Testing";
   the disruptions come from loadtest.chaos, run beside the users);
 - fanout: many SSE and WebSocket subscribers following the same few long jobs.
-The runner (loadtest.runner) sets `environment.drill` (loadtest.drill.Drill) before users start.
-Usable with the locust command too: `locust -f loadtest/locustfile.py` needs the runner's Drill, so prefer
-`bin/loadtest`.
+The runner (loadtest.runner) sets `environment.drill` (loadtest.drill.Drill) before users start. With the
+locust command (`locust -f loadtest/locustfile.py ScaleUser --host ...`) a Drill is made at test start, but
+nothing audits the run: prefer `bin/loadtest`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ import time
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, between, constant, task
+from locust import FastHttpUser, between, constant, events, task
 
 from loadtest.drill import Drill
 from loadtest.followers import follow_sse, follow_ws, timed_follow
 
 FOLLOW_TIMEOUT_S = 60.0
+
+
+@events.test_start.add_listener
+def _drill_for_plain_locust(environment: Any, **_: Any) -> None:
+    if not hasattr(environment, "drill"):
+        environment.drill = Drill("locust", environment.host or "http://127.0.0.1:3001")
 
 
 class DrillUser(FastHttpUser):

@@ -84,8 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, help="seconds to wait for accepted jobs to finish before the audit")
     p.add_argument("--run-dir", type=Path, help="where results go (default var/loadtest/SCENARIO-<time>)")
     p.add_argument("--keep", action="store_true", help="leave the private appliance running")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for the private appliance, over the scenario's (repeatable)")
     p.add_argument("--json", type=Path, help="also write the summary JSON here")
     args = p.parse_args(argv)
+    for item in args.env:
+        if "=" not in item or not item.split("=", 1)[0].isidentifier():
+            p.error(f"--env {item!r}: expected NAME=VALUE")
     if args.host:
         try:
             args.redis_url = args.redis_url or QueueSettings.from_env(os.environ).redis_url
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         host, redis_url = args.host.rstrip("/"), args.redis_url
         socket_path = args.supervisor_dir / "supervisor.sock"
     else:
-        appliance = PrivateAppliance(run_dir / "appliance", workers, scenario.env, quiet=True)
+        extra = dict(item.split("=", 1) for item in args.env)
+        appliance = PrivateAppliance(run_dir / "appliance", workers, {**scenario.env, **extra}, quiet=True)
         say(f"starting a private appliance ({workers} workers) in {appliance.run_dir}")
         appliance.start()
         host, redis_url, socket_path = appliance.url, appliance.redis_url, appliance.socket
