@@ -46,6 +46,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def commit() -> str:
+    """The checkout's commit (with `+dirty` when the working tree has changes), for the record."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HOME, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HOME,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def row(case: str, figure: str, goal: str = "", verdict: str = "") -> str:
     return f"{case:<44} {figure:<34} {goal:<26} {verdict}"
 
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = (args.run_dir or HOME / "var" / "bench" / stamp()).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
                                "loadavg_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     lines: list[str] = []
     say(f"run folder {work}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
@@ -145,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.extend(fanout_rows(fan))
     table = "\n".join(lines)
     print(table, flush=True)
-    note = (f"load average {results['loadavg_at_start'][0]:.2f} at start, {results['loadavg_at_end'][0]:.2f} at "
-            f"end on {results['cpus']} CPUs shared with other work: figures are noisy")
+    note = (f"commit {results['commit']}; load average {results['loadavg_at_start'][0]:.2f} at start, "
+            f"{results['loadavg_at_end'][0]:.2f} at end on {results['cpus']} CPUs shared with other work: "
+            "figures are noisy")
     print(note)
     (work / "bench.json").write_text(json.dumps(results, indent=2, default=_json_default))
     (work / "bench.txt").write_text(table + "\n" + note + "\n")
