@@ -2,7 +2,7 @@
 
 Over the drill: workers killed with SIGKILL (supervisord's autorestart brings each back; we wait for the new
 pid), the whole `workers` group restarted the way `supervisorctl restart workers:*` does it (stop with
-drain, then start), and one restart of the embedded Redis.
+drain, then start), and one restart of the embedded Redis (down for REDIS_DOWN_S).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import gevent
 from loadtest.private import supervisor_rpc
 
 RESTART_WAIT_S = 30.0
+REDIS_DOWN_S = 2.0       # how long Redis stays down: longer than the clients' retries hide
 
 
 @dataclass
@@ -121,9 +122,10 @@ class Chaos:
         if info["statename"] != "RUNNING":
             self.say("chaos: Redis is not supervisord's (external Redis): no Redis restart")
             return
-        self.say("chaos: restarting Redis")
+        self.say(f"chaos: restarting Redis ({REDIS_DOWN_S:g}s down)")
         began = time.monotonic()
         rpc.stopProcess(self.redis_program, True)
+        gevent.sleep(REDIS_DOWN_S)
         rpc.startProcess(self.redis_program, True)
         self.log.note("redis_restart", seconds=round(time.monotonic() - began, 2))
         self.say(f"chaos: Redis restarted in {time.monotonic() - began:.1f}s")
