@@ -53,6 +53,17 @@ class ClaimResult:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """One job's successful outcome, to record with `complete` or, batched, `complete_many`."""
+
+    job_id: str
+    worker_id: str
+    attempt: str
+    result: Any
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class Beat:
     """What a heartbeat learned: jobs this worker lost, and jobs whose cancel was requested."""
 
@@ -96,7 +107,12 @@ class Scripts:
               client: Any = None) -> Any:
         ms = clock.now_ms() if now_ms is None else now_ms
         argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now, *args]
-        return self._scripts[name](keys=self._fixed_keys + keys, args=argv, client=client or self.client)
+        script = self._scripts[name]
+        if isinstance(client, redis.client.Pipeline):
+            # EVALSHA directly: a Script object in a pipeline costs a SCRIPT EXISTS round trip per execute.
+            all_keys = self._fixed_keys + keys
+            return client.evalsha(script.sha, len(all_keys), *all_keys, *argv)
+        return script(keys=self._fixed_keys + keys, args=argv, client=client or self.client)
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
@@ -142,11 +158,27 @@ class Scripts:
 
     def complete(self, job_id: str, worker_id: str, attempt: str, result: Any, message: str = "",
                  now_ms: int | None = None) -> None:
-        k = self.keys
-        reply = self._call("complete_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
-                           [job_id, worker_id, attempt, orjson.dumps(result), message or "Job completed"],
-                           now_ms)
+        reply = self._complete_call(Completion(job_id, worker_id, attempt, result, message), now_ms, None)
         self._held_reply(reply, job_id, worker_id)
+
+    def complete_many(self, items: list[Completion], now_ms: int | None = None) -> list[str]:
+        """Complete several jobs in one pipeline (one round trip); returns each reply code in order:
+        "ok", "lost" or "not_found"."""
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for item in items:
+                self._complete_call(item, now_ms, pipe)
+            try:
+                return [str(reply[0]) for reply in pipe.execute()]
+            except redis.exceptions.NoScriptError:  # Redis restarted without its script cache: load, retry
+                self._scripts["complete_job"].sha = self.client.script_load(self._scripts["complete_job"].script)
+        raise RuntimeError("complete_job could not be loaded into Redis")
+
+    def _complete_call(self, item: Completion, now_ms: int | None, client: Any) -> Any:
+        k = self.keys
+        return self._call("complete_job", [k.worker_jobs(item.worker_id), k.worker(item.worker_id)],
+                          [item.job_id, item.worker_id, item.attempt, orjson.dumps(item.result),
+                           item.message or "Job completed"], now_ms, client)
 
     def fail(self, job_id: str, worker_id: str, attempt: str, error: str, *, retryable: bool,
              delay_ms: int, final_status: str = "failed", now_ms: int | None = None) -> FailResult:

@@ -29,7 +29,7 @@ from appliance.connector import Connector, ConnectorError, JobContext, JobStoppe
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
 from appliance.matching import WorkerProfile
-from appliance.scripts import Claimed, Scripts
+from appliance.scripts import Claimed, Completion, Scripts
 from appliance.settings import WorkerSettings
 from appliance.telemetry import HostSampler
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_GRACE_S = 5.0
 BACKLOG_MAX = 100
+# Errors that mean "Redis is unreachable or failing over": writes are held and retried. Any other error is a
+# bug or a refusal, and is raised.
+OUTAGE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Worker:
         self._wake = gevent.event.Event()
         self._next_due_ms: int | None = None
         self._greenlets: list[gevent.Greenlet] = []
+        self._completions: list[tuple[Completion, gevent.event.AsyncResult]] = []
+        self._completions_ready = gevent.event.Event()
+        self._reporter: gevent.Greenlet | None = None
         self._term_count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -261,7 +267,7 @@ class Worker:
             if reason == "lost":
                 log.warning("job lost id=%s: another worker holds it now; its outcome is dropped", job_id)
             elif finished and reason != "cancel":
-                self._persist(lambda: self.scripts.complete(job_id, self.id, attempt, outcome.value))
+                self._complete(Completion(job_id, self.id, attempt, outcome.value))
                 log.info("job completed id=%s", job_id)
             elif reason == "shutdown":
                 self._persist(lambda: self.scripts.release(job_id, self.id, attempt, "worker shutting down"))
@@ -279,6 +285,37 @@ class Worker:
                 self._fail(job_id, attempt, f"{type(error).__name__}: {error}", retryable=True, claimed=claimed)
         except (JobLost, JobNotFound) as exc:
             log.warning("job outcome refused id=%s: %s", job_id, exc)
+
+    def _complete(self, completion: Completion) -> None:
+        """Record a success through the reporter, which sends the completions of jobs that finish together
+        in one pipeline. Raises JobLost or JobNotFound like `Scripts.complete`."""
+        done: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self._completions.append((completion, done))
+        self._completions_ready.set()
+        if self._reporter is None or self._reporter.dead:
+            self._reporter = gevent.spawn(self._report_completions)
+        code = done.get()
+        if code == "lost":
+            raise JobLost(completion.job_id, self.id)
+        if code == "not_found":
+            raise JobNotFound(completion.job_id)
+
+    def _report_completions(self) -> None:
+        while True:
+            self._completions_ready.wait()
+            self._completions_ready.clear()
+            gevent.sleep(0)  # let the other jobs finishing now join this batch
+            batch, self._completions = self._completions, []
+            if not batch:
+                continue
+            try:
+                codes = self._persist(functools.partial(self.scripts.complete_many, [c for c, _ in batch]))
+            except Exception as exc:  # not an outage: each waiting job gets the error
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for (_, done), code in zip(batch, codes, strict=True):
+                done.set(code)
 
     def _fail(self, job_id: str, attempt: str, message: str, *, retryable: bool, claimed: Claimed,
               final_status: str = "failed") -> None:
@@ -368,11 +405,13 @@ class Worker:
             pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)
+                self.planner.mark_stale()
                 self._wake.set()  # anything submitted while we were not listening
                 for message in pubsub.listen():
                     if message["channel"] == self.keys.cancels:
                         self._on_cancel(message["data"])
                     else:
+                        self.planner.mark_stale()
                         self._wake.set()
             except redis.RedisError as exc:
                 log.warning("wake-up listener lost Redis (%s); retrying in 1s", exc)
@@ -404,7 +443,7 @@ class Worker:
         while True:
             try:
                 return fn()
-            except redis.RedisError as exc:
+            except OUTAGE as exc:
                 log.warning("Redis unavailable (%s): holding the outcome, retrying in %.1fs", exc, delay)
                 gevent.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -14,7 +14,7 @@ from appliance.errors import JobExists, JobFinished, JobLost, JobNotFound
 from appliance.jobs import JobSpec
 from appliance.keys import Keys
 from appliance.queue import Queue
-from appliance.scripts import ClaimResult, Scripts
+from appliance.scripts import ClaimResult, Completion, Scripts
 from appliance.settings import QueueSettings
 
 T0 = 1_800_000_000_000  # a fixed "now" (epoch ms) for scripts whose clock the tests drive
@@ -547,3 +547,17 @@ def test_list_totals_filters_and_pages_newest_first(queue: Queue) -> None:
 
     assert queue.counts()["pending"] == 10 and queue.counts()["completed"] == 1
     assert queue.depth() == 10
+
+
+def test_complete_many_in_one_pipeline_is_idempotent_and_refuses_stale(queue: Queue, client: redis.Redis) -> None:
+    for job_id in ("j1", "j2", "j3"):
+        submit(queue, job_id)
+    jobs = claim(queue, count=3).jobs
+    client.script_flush()  # a Redis restarted without its script cache: the batch loads the script again
+    done = [Completion(job.id, "w1", job.attempt, {"n": n}) for n, job in enumerate(jobs)]
+    stale = Completion("j3", "w1", "99", {})
+    assert queue.scripts.complete_many([*done[:2], stale], now_ms=T0) == ["ok", "ok", "lost"]
+    assert queue.scripts.complete_many(done, now_ms=T0) == ["ok", "ok", "ok"], "a retried batch is a success"
+    assert [client.hget(queue.keys.job(j), "status") for j in ("j1", "j2", "j3")] == ["completed"] * 3
+    assert client.hget(queue.keys.stats, "completed") == "3"
+    assert [f["event"] for _, f in client.xrange(queue.keys.progress("j1"))].count("completed") == 1

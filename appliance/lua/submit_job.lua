@@ -27,5 +27,10 @@ redis.call('SADD', KEYS[FIRST_KEY + 4], service)
 redis.call('HINCRBY', K_STATS, 'submitted', 1)
 emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
   'priority', priority, 'progress', 0 })
-enqueue(job_id, service, KEYS[FIRST_KEY + 1], score)
+-- Wake idle workers only when the claim queue goes from empty to one job: a worker sleeps only after a
+-- claim that left its queues empty, so later jobs in a non-empty queue need no wake-up.
+redis.call('ZADD', K_PENDING, score, job_id)
+if redis.call('ZADD', KEYS[FIRST_KEY + 1], score, job_id) == 1 and redis.call('ZCARD', KEYS[FIRST_KEY + 1]) == 1 then
+  redis.call('PUBLISH', P_WAKE .. service, job_id)
+end
 return { 'ok', seq }
