@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import gevent
 import orjson
-import redis
 
 from appliance import clock
 from appliance.api import messages, monitor
 from appliance.api.fanout import Entry
+from appliance.api.periodic import Periodic
 from appliance.api.websocket import WebSocket
 from appliance.api.ws_session import Live, Session
 from appliance.errors import ValidationError
@@ -109,34 +108,14 @@ class MonitorSession(Session):
         return {"client": registry.ids("client"), "monitor": registry.ids("monitor")}
 
 
-class StatsTicker:
+class StatsTicker(Periodic):
     """Pushes `stats_broadcast` (hub-era monitors, every interval) and `system_stats` (others, every 5th)."""
 
+    name = "monitor statistics"
+
     def __init__(self, live: Live, interval_s: float = 1.0):
+        super().__init__(interval_s)
         self.live = live
-        self.interval_s = interval_s
-        self._greenlet: gevent.Greenlet | None = None
-
-    def start(self) -> None:
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._loop)
-
-    def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-            self._greenlet = None
-
-    def _loop(self) -> None:
-        tick = 0
-        while True:
-            gevent.sleep(self.interval_s)
-            tick += 1
-            try:
-                self.tick(tick)
-            except redis.RedisError as exc:
-                log.debug("monitor statistics skipped, Redis unavailable: %s", exc)
-            except Exception:
-                log.exception("monitor statistics failed")
 
     def tick(self, tick: int) -> None:
         sessions = [s for s in self.live.registry.of_kind("monitor") if isinstance(s, MonitorSession)]

@@ -1,0 +1,44 @@
+"""A background task of an API process: `tick()` every `interval_s` in one greenlet, surviving Redis outages."""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Subclasses implement `tick(n)`; a Redis error skips that tick, any other error is logged."""
+
+    name = "periodic task"
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+
+    def tick(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        n = 0
+        while True:
+            gevent.sleep(self.interval_s)
+            n += 1
+            try:
+                self.tick(n)
+            except redis.RedisError as exc:
+                log.debug("%s skipped, Redis unavailable: %s", self.name, exc)
+            except Exception:
+                log.exception("%s failed", self.name)
