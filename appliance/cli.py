@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import redis
 from supervisor.xmlrpc import SupervisorTransport
 
 from appliance.drill import run_drill
@@ -132,17 +134,19 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
         code, _ = read_health(url)
         try:
             registered = len(queue.worker_ids())
-        except Exception:
+        except redis.RedisError:
             registered = 0
+        if supervisord_pid(paths) is None:
+            break
+        programs = [i for i in rpc(paths).getAllProcessInfo() if i["statename"] != "STOPPED"]
+        starting = [i["name"] for i in programs if i["statename"] in ("STARTING", "BACKOFF")]
         state = f"api {'up' if code == 200 else 'starting'}, workers {registered}/{workers}"
         if state != last:
             say(f"waiting: {state}")
             last = state
-        if code == 200 and registered >= workers:
+        if code == 200 and registered >= workers and not starting:
             return
-        if supervisord_pid(paths) is None:
-            break
-        fatal = [i["name"] for i in rpc(paths).getAllProcessInfo() if i["statename"] == "FATAL"]
+        fatal = [i["name"] for i in programs if i["statename"] == "FATAL"]
         if fatal:
             last = f"{', '.join(fatal)} failed to start"
             break
@@ -201,7 +205,7 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
                   f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s "
                   f"gpu={gpu_owned(w)}")
-    except Exception as exc:
+    except redis.RedisError as exc:
         print(f"\nqueue: Redis not reachable ({exc}); check the redis program above")
     return 0
 
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ctl = sub.add_parser("ctl", help="run supervisorctl with these arguments")
     ctl.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `bin/appliance status | head` ends quietly
     commands = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
                 "logs": cmd_logs, "ctl": cmd_ctl, "drill": cmd_drill}
     try:
