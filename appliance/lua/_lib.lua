@@ -38,13 +38,14 @@ local function emit(job_id, fields)
   return id
 end
 
--- Move a job between status indexes and record the new status on its hash.
-local function set_status(job_id, old, new, seq)
+-- Move a job between status indexes and record the new status, with `fields` (field, value, ...), in one
+-- HSET of its hash (each write costs once more in the AOF).
+local function set_status(job_id, old, new, seq, fields)
   if old ~= new then
     if old and old ~= '' then redis.call('ZREM', P_STATUS .. old, job_id) end
     redis.call('ZADD', P_STATUS .. new, seq, job_id)
   end
-  redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO)
+  redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO, unpack(fields or {}))
 end
 
 -- Put a job (back) in line at its own score (its priority and original place), in the global view and in
@@ -78,9 +79,11 @@ local function unhold(worker_key, worker_jobs_key, job_id)
   if worker_jobs_key and redis.call('SREM', worker_jobs_key, job_id) == 1 and worker_key then
     if redis.call('EXISTS', worker_key) == 1 then
       local left = redis.call('SCARD', worker_jobs_key)
-      redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
       if left == 0 then
-        redis.call('HSET', worker_key, 'status', 'idle', 'current_job_id', '')
+        redis.call('HSET', worker_key, 'current_jobs', 0, 'last_status_change', NOW_ISO, 'status', 'idle',
+          'current_job_id', '')
+      else
+        redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
       end
     end
   end
@@ -118,24 +121,21 @@ local function recover_expired(limit)
       -- the job stays in the old holder's set: its next heartbeat finds it gone and reports it lost
       local retries, max_retries = tonumber(j[6]) or 0, tonumber(j[7]) or 0
       if j[9] and j[9] ~= '' then
-        set_status(job_id, status, 'cancelled', seq)
-        redis.call('HSET', job_key, 'error', 'Job cancelled by user', 'cancelled_at', NOW_ISO)
+        set_status(job_id, status, 'cancelled', seq, { 'error', 'Job cancelled by user', 'cancelled_at', NOW_ISO })
         emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'worker_id', worker_id,
           'error', 'Job cancelled by user', 'message', 'Job cancelled by user' })
         retire(job_id, 'cancelled', service)
       elseif retries < max_retries then
         local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease'
-        set_status(job_id, status, 'pending', seq)
-        redis.call('HSET', job_key, 'retry_count', retries + 1, 'last_failed_worker', worker_id, 'worker_id', '',
-          'error', err, 'failed_at', NOW_ISO, 'progress', 0)
+        set_status(job_id, status, 'pending', seq, { 'retry_count', retries + 1, 'last_failed_worker', worker_id, 'worker_id', '',
+          'error', err, 'failed_at', NOW_ISO, 'progress', 0 })
         emit(job_id, { 'event', 'retrying', 'status', 'retrying', 'worker_id', worker_id, 'error', err,
           'message', err, 'retry_count', retries + 1, 'max_retries', max_retries, 'will_retry', 'true',
           'retry_at', NOW_MS })
         enqueue(job_id, service, j[8], j[5])
       else
         local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease, and no retries are left'
-        set_status(job_id, status, 'failed', seq)
-        redis.call('HSET', job_key, 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id)
+        set_status(job_id, status, 'failed', seq, { 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id })
         emit(job_id, { 'event', 'failed', 'status', 'failed', 'worker_id', worker_id, 'error', err,
           'message', err, 'retry_count', retries, 'will_retry', 'false', 'failed_at', NOW_ISO })
         retire(job_id, 'failed', service)

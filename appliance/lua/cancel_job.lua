@@ -14,8 +14,7 @@ if ACTIVE[status] then
   return { 'cancelling', worker_id }
 end
 dequeue(job_id, queue)
-set_status(job_id, status, 'cancelled', seq)
-redis.call('HSET', job_key, 'error', reason, 'cancelled_at', NOW_ISO)
+set_status(job_id, status, 'cancelled', seq, { 'error', reason, 'cancelled_at', NOW_ISO })
 emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'error', reason, 'message', reason })
 retire(job_id, 'cancelled', service)
 return { 'cancelled' }

@@ -31,12 +31,11 @@ while #claimed < want do
   redis.call('ZREM', best_key, best_id)
   redis.call('ZREM', K_PENDING, best_id)
   local job_key = P_JOB .. best_id
-  local job = redis.call('HMGET', job_key, 'status', 'seq')
+  local job = redis.call('HMGET', job_key, 'status', 'seq', 'attempt')
   if job[1] == 'pending' then
-    local attempt = redis.call('HINCRBY', job_key, 'attempt', 1)
-    set_status(best_id, 'pending', 'assigned', job[2])
-    redis.call('HSET', job_key, 'worker_id', worker_id, 'assigned_at', NOW_ISO, 'progress', 0,
-      'message', '', 'retry_at', '')
+    local attempt = (tonumber(job[3]) or 0) + 1
+    set_status(best_id, 'pending', 'assigned', job[2], { 'attempt', attempt, 'worker_id', worker_id,
+      'assigned_at', NOW_ISO, 'progress', 0, 'message', '', 'retry_at', '' })
     redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, best_id)
     redis.call('SADD', worker_jobs_key, best_id)
     emit(best_id, { 'event', 'assigned', 'status', 'assigned', 'worker_id', worker_id,
@@ -47,11 +46,12 @@ end
 
 if #claimed > 0 and redis.call('EXISTS', worker_key) == 1 then
   local last = claimed[#claimed]
-  redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', redis.call('SCARD', worker_jobs_key),
-    'last_status_change', NOW_ISO)
+  local current = ''
   for i = 1, #last, 2 do
-    if last[i] == 'id' then redis.call('HSET', worker_key, 'current_job_id', last[i + 1]) end
+    if last[i] == 'id' then current = last[i + 1] end
   end
+  redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', redis.call('SCARD', worker_jobs_key),
+    'last_status_change', NOW_ISO, 'current_job_id', current)
 end
 
 local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')

@@ -13,12 +13,10 @@ if not job then
   if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
   return { why }
 end
-set_status(job_id, job.status, 'completed', job.seq)
-redis.call('HSET', P_JOB .. job_id, 'result', result, 'progress', 100, 'message', message,
-  'completed_at', NOW_ISO, 'error', '')
-if job.started_at == false or job.started_at == '' then
-  redis.call('HSET', P_JOB .. job_id, 'started_at', NOW_ISO)
-end
+local started = job.started_at
+if started == false or started == '' then started = NOW_ISO end
+set_status(job_id, job.status, 'completed', job.seq, { 'result', result, 'progress', 100, 'message', message,
+  'completed_at', NOW_ISO, 'error', '', 'started_at', started })
 unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
 count(KEYS[FIRST_KEY + 1], 'total_jobs_completed')
 emit(job_id, { 'event', 'completed', 'status', 'completed', 'worker_id', worker_id, 'progress', 100,

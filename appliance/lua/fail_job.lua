@@ -19,9 +19,8 @@ redis.call('ZREM', K_LEASES, job_id)
 if retryable and job.retry_count < job.max_retries then
   local retries = job.retry_count + 1
   local due = NOW_MS + delay_ms
-  set_status(job_id, job.status, 'pending', job.seq)
-  redis.call('HSET', job_key, 'retry_count', retries, 'last_failed_worker', worker_id, 'worker_id', '',
-    'error', err, 'failed_at', NOW_ISO, 'progress', 0, 'retry_at', due)
+  set_status(job_id, job.status, 'pending', job.seq, { 'retry_count', retries, 'last_failed_worker', worker_id, 'worker_id', '',
+    'error', err, 'failed_at', NOW_ISO, 'progress', 0, 'retry_at', due })
   emit(job_id, { 'event', 'retrying', 'status', 'retrying', 'worker_id', worker_id, 'error', err,
     'message', err, 'retry_count', retries, 'max_retries', job.max_retries, 'will_retry', 'true',
     'retry_at', due })
@@ -32,8 +31,7 @@ if retryable and job.retry_count < job.max_retries then
   end
   return { 'retrying', retries, due }
 end
-set_status(job_id, job.status, final, job.seq)
-redis.call('HSET', job_key, 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id)
+set_status(job_id, job.status, final, job.seq, { 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id })
 if final == 'failed' or final == 'timeout' then
   count(KEYS[FIRST_KEY + 1], 'total_jobs_failed')
 end

@@ -16,8 +16,7 @@ for i = 1, #heads, 2 do
   if job[1] == 'pending' then
     redis.call('ZREM', K_PENDING, job_id)
     redis.call('ZADD', unworkable_key, score, job_id)
-    set_status(job_id, 'pending', 'unworkable', job[2])
-    redis.call('HSET', P_JOB .. job_id, 'unworkable_reason', reason, 'unworkable_at', NOW_ISO)
+    set_status(job_id, 'pending', 'unworkable', job[2], { 'unworkable_reason', reason, 'unworkable_at', NOW_ISO })
     emit(job_id, { 'event', 'unworkable', 'status', 'unworkable', 'message', reason, 'error', reason })
     marked = marked + 1
   end

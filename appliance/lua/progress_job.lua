@@ -13,8 +13,7 @@ if not job then
   return { why }
 end
 if job.status == 'assigned' then
-  set_status(job_id, 'assigned', 'in_progress', job.seq)
-  redis.call('HSET', P_JOB .. job_id, 'started_at', NOW_ISO)
+  set_status(job_id, 'assigned', 'in_progress', job.seq, { 'started_at', NOW_ISO })
   emit(job_id, { 'event', 'in_progress', 'status', 'in_progress', 'worker_id', worker_id, 'progress', percent })
 end
 redis.call('HSET', P_JOB .. job_id, 'progress', percent, 'message', message, 'current_step', step,

@@ -12,8 +12,7 @@ if not job then
 end
 unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
 redis.call('ZREM', K_LEASES, job_id)
-set_status(job_id, job.status, 'pending', job.seq)
-redis.call('HSET', P_JOB .. job_id, 'worker_id', '', 'progress', 0)
+set_status(job_id, job.status, 'pending', job.seq, { 'worker_id', '', 'progress', 0 })
 emit(job_id, { 'event', 'requeued', 'status', 'pending', 'worker_id', worker_id, 'message', reason,
   'progress', 0 })
 enqueue(job_id, job.service, job.queue, job.score)

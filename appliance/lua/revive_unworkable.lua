@@ -14,8 +14,7 @@ for i = 1, #heads, 2 do
   redis.call('ZREM', unworkable_key, job_id)
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'seq', 'service_required', 'queue')
   if job[1] == 'unworkable' then
-    set_status(job_id, 'unworkable', 'pending', job[2])
-    redis.call('HSET', P_JOB .. job_id, 'unworkable_reason', '', 'unworkable_at', '')
+    set_status(job_id, 'unworkable', 'pending', job[2], { 'unworkable_reason', '', 'unworkable_at', '' })
     emit(job_id, { 'event', 'requeued', 'status', 'pending', 'message', message, 'progress', 0 })
     enqueue(job_id, job[3], job[4], score)
     revived = revived + 1

@@ -17,10 +17,11 @@ local span = 8589934592
 local score = string.format('%.0f', priority * span + (span - 1 - seq))
 local fields = {}
 for i = FIRST_ARG + 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', job_key, 'id', job_id, 'service_required', service, 'priority', priority,
+fields[#fields + 1] = 'queue'
+fields[#fields + 1] = KEYS[FIRST_KEY + 1]
+set_status(job_id, nil, 'pending', seq, { 'id', job_id, 'service_required', service, 'priority', priority,
   'seq', seq, 'score', score, 'created_at', NOW_ISO, 'created_ms', NOW_MS, 'retry_count', 0,
-  'attempt', 0, 'progress', 0, 'queue', KEYS[FIRST_KEY + 1], unpack(fields))
-set_status(job_id, nil, 'pending', seq)
+  'attempt', 0, 'progress', 0, unpack(fields) })
 redis.call('ZADD', K_INDEX_ALL, seq, job_id)
 redis.call('ZADD', KEYS[FIRST_KEY + 3], seq, job_id)
 redis.call('SADD', KEYS[FIRST_KEY + 4], service)
