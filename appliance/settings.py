@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # no ":": it separates key parts
 
@@ -103,6 +104,13 @@ class Env:
             )
         return value
 
+    def key_prefix(self, name: builtins.str) -> builtins.str:
+        value = self.str(name, "")
+        if value and not _PREFIX_RE.match(value):
+            raise SettingsError(f"{name}={value!r}: expected letters, digits, '_', '.', ':' or '-' (at most 64), "
+                                "e.g. 'app1:'")
+        return value
+
     def redis_url(self, name: builtins.str, *fallbacks: builtins.str) -> builtins.str:
         value = self.str(name, DEFAULT_REDIS_URL, *fallbacks)
         # name the variable the value came from (a worker may read REDIS_URL in place of HUB_REDIS_URL)
@@ -153,7 +161,7 @@ class QueueSettings:
         names = redis_vars or ("REDIS_URL", "HUB_REDIS_URL")
         return cls(
             redis_url=e.redis_url(names[0], *names[1:]),
-            key_prefix=e.str("APPLIANCE_KEY_PREFIX", ""),
+            key_prefix=e.key_prefix("APPLIANCE_KEY_PREFIX"),
             progress_maxlen=e.int("PROGRESS_STREAM_MAXLEN", 1000, 10, 1_000_000),
             events_maxlen=e.int("EVENTS_STREAM_MAXLEN", 10000, 100, 10_000_000),
             completed_ttl_s=e.int("JOB_COMPLETED_TTL_SECONDS", 86400, 1, 10 * 365 * 86400),

@@ -42,6 +42,7 @@ BAD_WORKER = [
     ("HUB_REDIS_URL", "http://127.0.0.1:7000"),
     ("HUB_REDIS_URL", "redis://127.0.0.1:notaport/0"),
     ("LOG_LEVEL", "loud"),
+    ("APPLIANCE_KEY_PREFIX", "has space"),
 ]
 
 BAD_API = [
