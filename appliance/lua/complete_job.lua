@@ -5,11 +5,11 @@
 -- Returns {"ok"} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local result, message = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
--- A retried call (the reply was lost with the connection) finds its own completion: that is success.
-local done = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt')
-if done[1] == 'completed' and done[2] == worker_id and done[3] == attempt then return { 'ok' } end
 local job, why = held(job_id, worker_id, attempt)
 if not job then
+  -- A retried call (the reply was lost with the connection) finds its own completion: that is success.
+  local done = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt')
+  if done[1] == 'completed' and done[2] == worker_id and done[3] == attempt then return { 'ok' } end
   if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
   return { why }
 end
