@@ -26,6 +26,9 @@ WORKERS_CACHE_S = 1.0
 REFRESH_S = 15.0
 
 
+REGISTERED_CACHE_S = 30.0
+
+
 class ClassBook:
     """Requirement classes and their unworkable jobs, over one Redis client."""
 
@@ -35,6 +38,7 @@ class ClassBook:
         self.scripts = scripts
         self._workers: dict[str, dict[str, Any]] = {}
         self._workers_at = -WORKERS_CACHE_S
+        self._registered: dict[str, float] = {}
 
     def for_job(self, service: str, requirements: dict[str, Any],
                 customer_id: str) -> RequirementClass | None:
@@ -46,7 +50,12 @@ class ClassBook:
         return RequirementClass(cid, service, requirements, customer_id, queue)
 
     def register(self, job_class: RequirementClass) -> bool:
-        """Record the class (idempotent); True if it is new."""
+        """Record the class (idempotent); True if it is new. A class this process recorded in the last
+        REGISTERED_CACHE_S is not sent again (one script call less per submit)."""
+        now = time.monotonic()
+        if now - self._registered.get(job_class.id, -REGISTERED_CACHE_S) < REGISTERED_CACHE_S:
+            return False
+        self._registered[job_class.id] = now
         k = self.keys
         reply = self.scripts._call("register_class", [k.requirement_class(job_class.id),
                                                       k.requirement_classes(job_class.service),

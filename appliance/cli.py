@@ -89,7 +89,7 @@ def read_health(url: str) -> tuple[int, str]:
 def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
     paths = run_paths(env)
     api = ApiSettings.from_env(env)
-    WorkerSettings.from_env({**env, "WORKER_ID": "check"})  # a bad WORKER_* setting stops us here
+    worker = WorkerSettings.from_env({**env, "WORKER_ID": "check"})  # a bad WORKER_* setting stops us here
     if supervisord_pid(paths):
         say(f"already running (run folder {paths.run_dir}); see `bin/appliance status`, or `bin/appliance stop`")
         return 0
@@ -103,7 +103,7 @@ def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
     plan_workers = worker_programs(env)
     programs = plan_workers.programs
     say(plan_workers.note)
-    drain = WorkerSettings.from_env({**env, "WORKER_ID": "check"}).drain_seconds
+    drain = worker.drain_seconds
     write_atomic(paths.conf_d / "workers.conf", workers_conf(programs, drain + 15))
     env.update({
         "APPLIANCE_HOME": str(HOME), "APPLIANCE_RUN_DIR": str(paths.run_dir), "APPLIANCE_VENV": str(venv_dir()),

@@ -110,7 +110,7 @@ class JobSpec:
         timeout = body.get("timeout_seconds")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 7 * 86400:
-                raise ValidationError("timeout_seconds", f"expected a number of seconds from 1 to 604800, "
+                raise ValidationError("timeout_seconds", f"expected a number of seconds above 0, at most 604800, "
                                                          f"got {timeout!r}")
         workflow: dict[str, str] = {}
         for name in ("workflow_id", "workflow_datetime", "step_number"):

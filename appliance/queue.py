@@ -11,6 +11,7 @@ import redis
 
 from appliance import clock
 from appliance.classes import ClassBook
+from appliance.errors import JobExists
 from appliance.jobs import STATUS_VALUES, JobSpec, public_job
 from appliance.keys import Keys
 from appliance.matching import parse_requirements
@@ -43,8 +44,11 @@ class Queue:
         job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
         if job_class is not None:
             self.classes.register(job_class)
-        self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
-                            queue=job_class.queue if job_class else None, now_ms=now_ms)
+        try:
+            self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
+                                queue=job_class.queue if job_class else None, now_ms=now_ms)
+        except JobExists:
+            pass  # ids are uuid4s made here: only our own re-sent submit can have stored it already
         if job_class is not None:
             self.classes.check_submitted(job_class)
         return spec.id

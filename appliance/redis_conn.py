@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 
@@ -25,7 +25,10 @@ def connect(url: str, *, blocking: bool = False, max_connections: int = 64, time
         socket_timeout=None if blocking else timeout_s,
         socket_connect_timeout=min(2.0, timeout_s),
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        # One re-send, on a broken connection only (a pooled connection that died with a Redis restart).
+        # Never on a timeout: the script has usually run by then, and running it again could strand a claimed
+        # job. Submit, complete and cancel are idempotent anyway; callers retry where that is safe.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         protocol=2,
     )
     return redis.Redis(connection_pool=pool)

@@ -561,3 +561,19 @@ def test_complete_many_in_one_pipeline_is_idempotent_and_refuses_stale(queue: Qu
     assert [client.hget(queue.keys.job(j), "status") for j in ("j1", "j2", "j3")] == ["completed"] * 3
     assert client.hget(queue.keys.stats, "completed") == "3"
     assert [f["event"] for _, f in client.xrange(queue.keys.progress("j1"))].count("completed") == 1
+
+
+@pytest.mark.parametrize("outcome", ["fail", "release"])
+def test_a_cancel_requested_while_running_wins_over_a_retry_or_a_hand_back(queue: Queue, client: redis.Redis,
+                                                                           outcome: str) -> None:
+    submit(queue, "j1")
+    job = claim(queue).jobs[0]
+    assert queue.scripts.cancel("j1", now_ms=T0) == "cancelling"
+    if outcome == "fail":
+        result = queue.scripts.fail("j1", "w1", job.attempt, "boom", retryable=True, delay_ms=0, now_ms=T0)
+        assert result.status == "cancelled" and not result.retrying
+    else:
+        queue.scripts.release("j1", "w1", job.attempt, "worker shutting down", now_ms=T0)
+    assert client.hget(queue.keys.job("j1"), "status") == "cancelled"
+    assert client.zrange(queue.keys.pending, 0, -1) == [] and claim_ids(queue, worker_id="w2") == []
+    assert [f["event"] for _, f in client.xrange(queue.keys.progress("j1"))][-1] == "cancelled"

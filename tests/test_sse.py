@@ -88,6 +88,24 @@ def test_last_event_id_resumes_exactly_after_it(api: Api, queue: Queue) -> None:
     assert len(set(got + [f.id for f in rest])) == len(worker.stream_ids(job_id)) - 3
 
 
+def test_resuming_after_the_terminal_event_ends_the_stream(api: Api, queue: Queue) -> None:
+    """A browser EventSource reconnects with the terminal entry's id: it must get an end, not a stream forever."""
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    worker.claim()
+    worker.complete(job_id)
+    last = worker.stream_ids(job_id)[-1]
+    frames = sse(api, job_id, last_event_id=last).events()
+    assert [f.event for f in frames] == ["connected"]
+
+
+@pytest.mark.parametrize("bad_id", ["1_0", "+5", "99999999999999999999999-0", "5-"])
+def test_last_event_ids_redis_would_refuse_are_400(api: Api, queue: Queue, bad_id: str) -> None:
+    job_id = FakeWorker(queue).submit()
+    bad = sse(api, job_id, last_event_id=bad_id)
+    assert bad.status == 400 and bad.body["field"] == "Last-Event-ID"
+
+
 def test_keepalive_comment_while_idle(api: Api, queue: Queue) -> None:
     worker = FakeWorker(queue)
     job_id = worker.submit()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,10 +39,20 @@ READ_COUNT = 500
 HISTORY_PAGE = 500
 
 
+_ENTRY_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+_U64_MAX = 2**64 - 1
+
+
 def parse_id(entry_id: str) -> EntryId:
-    """A stream entry id ("1700000000000-3") as a comparable tuple; raises ValueError if malformed."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    """A stream entry id ("1700000000000-3") as a comparable tuple; raises ValueError unless Redis would
+    accept it (digits only, each part below 2^64)."""
+    match = _ENTRY_ID.match(entry_id)
+    if not match:
+        raise ValueError(f"not a stream entry id: {entry_id!r}")
+    ms, seq = int(match.group(1)), int(match.group(2) or 0)
+    if ms > _U64_MAX or seq > _U64_MAX:
+        raise ValueError(f"stream entry id out of range: {entry_id!r}")
+    return ms, seq
 
 
 def valid_id(entry_id: str) -> bool:
@@ -270,9 +281,6 @@ class Hub:
             if not subs:
                 del self.subscribers[name]
                 self.cursors.pop(name, None)
-
-    def subscriber_count(self) -> int:
-        return len({sub for subs in self.subscribers.values() for sub in subs})
 
     def _wake(self) -> None:
         """Interrupt the blocked read so that it includes the new stream (one wake per read)."""

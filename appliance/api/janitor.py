@@ -1,5 +1,5 @@
-"""Background recovery in each API process: jobs whose worker died are put back even when every live
-worker is busy (workers also do this; whoever comes first does it, atomically)."""
+"""Background upkeep in each API process: jobs whose worker died are put back even when every live worker is
+busy (workers also do this; whoever comes first does it, atomically), and expired jobs leave the indexes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class Janitor(Periodic):
         self.queue = queue
 
     def tick(self, n: int) -> None:
+        self.queue.scripts.prune()  # finished jobs whose retention ran out leave the indexes even if nobody lists
         recovery = self.queue.scripts.recover()
         if recovery.jobs or recovery.dead_workers:
             log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,

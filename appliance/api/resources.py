@@ -83,7 +83,7 @@ class Health:
 class JobCollection:
     """POST /api/jobs submits; GET /api/jobs lists (filters status, service_required; limit/offset)."""
 
-    def __init__(self, queue: Queue, max_body_bytes: int, on_submit: Any = None):
+    def __init__(self, queue: Queue, max_body_bytes: int):
         self.queue = queue
         self.max_body_bytes = max_body_bytes
 

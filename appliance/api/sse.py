@@ -99,6 +99,9 @@ class SseConnection:
                     return
             if replay:
                 yield b"".join(replay)
+            elif after is not None and live.queue.client.hget(live.queue.keys.job(self.job_id), "status") in \
+                    messages.TERMINAL_EVENTS:
+                return  # resumed after the terminal event (EventSource reconnects so): nothing more will come
             keepalive = live.settings.sse_keepalive_s
             while True:
                 sub.idle = True

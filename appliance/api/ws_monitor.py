@@ -89,7 +89,7 @@ class MonitorSession(Session):
     def on_resync_request(self, message: dict[str, Any]) -> None:
         since = message.get("since_timestamp", 0)
         limit = message.get("max_events", 100)
-        if isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0:
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or not 0 <= since < 2**63:
             raise ValidationError("since_timestamp", "expected epoch milliseconds")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= RESYNC_MAX:
             raise ValidationError("max_events", f"expected an integer from 1 to {RESYNC_MAX}")

@@ -233,12 +233,17 @@ class Session:
         after = message.get("last_event_id")
         if after is not None and not (isinstance(after, str) and valid_id(after)):
             raise ValidationError("last_event_id", "expected a stream entry id such as 1700000000000-0")
-        if not self.live.hub.client.exists(self.live.queue.keys.job(job_id)):
+        client, keys = self.live.hub.client, self.live.queue.keys
+        status = client.hget(keys.job(job_id), "status")
+        if status is None:
             raise JobNotFound(job_id)
         if len(self.sub.streams) >= MAX_SUBSCRIPTIONS:
             raise ValidationError("job_id", f"this connection already follows {MAX_SUBSCRIPTIONS} jobs; "
                                             "unsubscribe_progress from some first")
         self.reply("subscribed", job_id=job_id, message_id=self.message_id(message))
+        if after is not None and status in messages.TERMINAL_EVENTS and \
+                not client.xrange(keys.progress(job_id), f"({after}", "+", count=1):
+            return  # resumed after the terminal event: nothing more will come, so do not follow
         self.follow_job(job_id, after)
 
     def on_unsubscribe_progress(self, message: dict[str, Any]) -> None:

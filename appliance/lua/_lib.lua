@@ -93,12 +93,20 @@ end
 -- under `attempt`; otherwise nil and why ("not_found", or "lost": the job moved on without this worker).
 local function held(job_id, worker_id, attempt)
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'seq',
-    'service_required', 'score', 'retry_count', 'max_retries', 'started_at', 'queue')
+    'service_required', 'score', 'retry_count', 'max_retries', 'started_at', 'queue', 'cancel_requested')
   if not job[1] then return nil, 'not_found' end
   if not ACTIVE[job[1]] or job[2] ~= worker_id or job[3] ~= attempt then return nil, 'lost' end
   return { status = job[1], seq = job[4], service = job[5], score = job[6],
     retry_count = tonumber(job[7]) or 0, max_retries = tonumber(job[8]) or 0, started_at = job[9],
-    queue = job[10] }
+    queue = job[10], cancel_requested = job[11] and job[11] ~= '' }
+end
+
+-- End a job whose cancel was requested while it ran (its worker stopped, failed or handed it back).
+local function end_cancelled(job_id, status, seq, service, worker_id)
+  set_status(job_id, status, 'cancelled', seq, { 'error', 'Job cancelled by user', 'cancelled_at', NOW_ISO })
+  emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'worker_id', worker_id,
+    'error', 'Job cancelled by user', 'message', 'Job cancelled by user' })
+  retire(job_id, 'cancelled', service)
 end
 
 -- Add one to a counter on a worker's hash, if the worker is still registered.
@@ -121,10 +129,7 @@ local function recover_expired(limit)
       -- the job stays in the old holder's set: its next heartbeat finds it gone and reports it lost
       local retries, max_retries = tonumber(j[6]) or 0, tonumber(j[7]) or 0
       if j[9] and j[9] ~= '' then
-        set_status(job_id, status, 'cancelled', seq, { 'error', 'Job cancelled by user', 'cancelled_at', NOW_ISO })
-        emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'worker_id', worker_id,
-          'error', 'Job cancelled by user', 'message', 'Job cancelled by user' })
-        retire(job_id, 'cancelled', service)
+        end_cancelled(job_id, status, seq, service, worker_id)
       elseif retries < max_retries then
         local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease'
         set_status(job_id, status, 'pending', seq, { 'retry_count', retries + 1, 'last_failed_worker', worker_id, 'worker_id', '',

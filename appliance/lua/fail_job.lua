@@ -4,6 +4,7 @@
 -- ARGV[19] 1 if the failure may be retried, else 0   ARGV[20] retry delay (ms, backoff with jitter)
 -- ARGV[21] terminal status if it ends: failed, timeout, cancelled
 -- A retry happens while retry_count < max_retries; it counts one retry and records last_failed_worker.
+-- A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"retrying", retry_count, due_ms} or {"ended", status} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local err, retryable = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4] == '1'
@@ -15,6 +16,10 @@ if not job then
 end
 local job_key = P_JOB .. job_id
 unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
+if job.cancel_requested then
+  end_cancelled(job_id, job.status, job.seq, job.service, worker_id)
+  return { 'ended', 'cancelled' }
+end
 redis.call('ZREM', K_LEASES, job_id)
 if retryable and job.retry_count < job.max_retries then
   local retries = job.retry_count + 1

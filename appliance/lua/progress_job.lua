@@ -13,11 +13,13 @@ if not job then
   return { why }
 end
 if job.status == 'assigned' then
-  set_status(job_id, 'assigned', 'in_progress', job.seq, { 'started_at', NOW_ISO })
+  set_status(job_id, 'assigned', 'in_progress', job.seq, { 'started_at', NOW_ISO, 'progress', percent,
+    'message', message, 'current_step', step, 'total_steps', total })
   emit(job_id, { 'event', 'in_progress', 'status', 'in_progress', 'worker_id', worker_id, 'progress', percent })
+else
+  redis.call('HSET', P_JOB .. job_id, 'progress', percent, 'message', message, 'current_step', step,
+    'total_steps', total)
 end
-redis.call('HSET', P_JOB .. job_id, 'progress', percent, 'message', message, 'current_step', step,
-  'total_steps', total)
 local id = emit(job_id, { 'event', 'progress', 'status', 'in_progress', 'worker_id', worker_id,
   'progress', percent, 'message', message, 'current_step', step, 'total_steps', total })
 return { 'ok', id }

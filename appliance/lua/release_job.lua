@@ -2,7 +2,8 @@
 -- (a worker draining on shutdown).
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
 -- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] reason
--- Returns {"ok"} or {"not_found"} / {"lost"}.
+-- A job whose cancel was requested meanwhile ends cancelled instead.
+-- Returns {"ok"}, {"cancelled"} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt, reason = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2],
   ARGV[FIRST_ARG + 3]
 local job, why = held(job_id, worker_id, attempt)
@@ -11,6 +12,10 @@ if not job then
   return { why }
 end
 unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
+if job.cancel_requested then
+  end_cancelled(job_id, job.status, job.seq, job.service, worker_id)
+  return { 'cancelled' }
+end
 redis.call('ZREM', K_LEASES, job_id)
 set_status(job_id, job.status, 'pending', job.seq, { 'worker_id', '', 'progress', 0 })
 emit(job_id, { 'event', 'requeued', 'status', 'pending', 'worker_id', worker_id, 'message', reason,
