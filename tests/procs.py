@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from appliance.keys import Keys
 from conftest import ROOT, free_port, redis_binary
 
 
@@ -109,3 +110,33 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def wait_alive(proc: subprocess.Popen[str], check: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Wait for `check()` while `proc` keeps running; fail if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert proc.poll() is None, f"the process exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def worker_process(env: dict[str, str], client: redis.Redis, worker_id: str,
+                   timeout_s: float = 20) -> Iterator[subprocess.Popen[str]]:
+    """One `python -m appliance.worker_process` with WORKER_ID=worker_id, yielded once it has registered.
+
+    Leaving the block normally sends SIGTERM, which must end it with exit status 0 (a clean drain)."""
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], env={**env, "WORKER_ID": worker_id},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    active = Keys().workers_active
+    try:
+        wait_alive(proc, lambda: worker_id in client.smembers(active), timeout_s, f"{worker_id} to register")
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

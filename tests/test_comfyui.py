@@ -5,9 +5,6 @@ timeout; the double's routing rules; and a real worker process running a ComfyUI
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,8 +23,8 @@ from appliance.queue import Queue
 from appliance.settings import ApiSettings, QueueSettings, WorkerSettings
 from appliance.worker import Worker
 from comfyui_double import ComfyDouble
-from conftest import ROOT
 from connectors.comfyui import ComfyUIConnector
+from procs import wait_alive, worker_process
 
 
 def workflow(steps: int = 4, step_s: float = 0.02, seed: int = 1, **test_node: Any) -> dict[str, Any]:
@@ -325,23 +322,16 @@ def test_basic_auth(redis_server: str, client: redis.Redis) -> None:
 # -- a real worker process ----------------------------------------------------------------------------------
 def test_worker_process_runs_a_comfyui_job(double: ComfyDouble, env_base: dict[str, str], client: redis.Redis,
                                            queue: Queue, settings: QueueSettings) -> None:
-    env = {**env_base, **connector_env(double, env_base["REDIS_URL"]), "WORKER_ID": "comfy-proc",
+    env = {**env_base, **connector_env(double, env_base["REDIS_URL"]),
            "WORKER_CONNECTORS": "comfyui", "WORKER_HEARTBEAT_INTERVAL_MS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     k = queue.keys
-    try:
-        deadline = time.monotonic() + 30
-        while "comfy-proc" not in client.smembers(k.workers_active):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with worker_process(env, client, "comfy-proc", timeout_s=30) as proc:
         job_id = queue.submit(JobSpec.parse({"service_required": "comfyui",
                                              "payload": {"workflow": workflow(steps=3)}}))
         bad_id = queue.submit(JobSpec.parse({"service_required": "comfyui",
                                              "payload": {"workflow": {"1": {"class_type": "Nope", "inputs": {}}}}}))
-        while client.hget(k.job(job_id), "status") != "completed" or client.hget(k.job(bad_id), "status") != "failed":
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_alive(proc, lambda: client.hget(k.job(job_id), "status") == "completed"
+                   and client.hget(k.job(bad_id), "status") == "failed", 30, "both jobs to end")
         job = queue.get(job_id)
         assert job["worker_id"] == "comfy-proc"
         [file] = job["result"]["files"]
@@ -351,10 +341,3 @@ def test_worker_process_runs_a_comfyui_job(double: ComfyDouble, env_base: dict[s
         assert "node 2" in steps
         assert "Nope does not exist" in queue.get(bad_id)["error"]
         assert queue.get(bad_id)["retry_count"] == 0
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out

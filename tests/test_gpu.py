@@ -6,9 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +23,7 @@ from appliance.queue import Queue
 from appliance.runtime import worker_programs, workers_conf
 from appliance.telemetry import HostSampler, worker_gpu
 from conftest import ROOT, free_port
+from procs import wait_alive, worker_process
 
 STANDIN_DIR = ROOT / "tests" / "nvml_standin"
 
@@ -195,17 +194,11 @@ def test_gpu_worker_heartbeats_its_own_gpu_and_serves_gpu_jobs(env_base: dict[st
     """A worker pinned to GPU 1 of two: its heartbeat shows GPU 1's NVML figures and it takes a job that
     needs 40 GB free on an A100, while a job for 100 GB is marked unworkable."""
     host = {"driver": "550.54.15", "gpus": [gpu(0, name="NVIDIA T4", memory_total_mib=15360), gpu(1)]}
-    env = {**standin_env(env_base, host, tmp_path / "gpus.json"), "WORKER_ID": "gpu-worker",
+    env = {**standin_env(env_base, host, tmp_path / "gpus.json"),
            "CUDA_VISIBLE_DEVICES": host["gpus"][1]["uuid"], "WORKER_CONNECTORS": "noop",
            "WORKER_HEARTBEAT_INTERVAL_MS": "200", "WORKER_POLL_INTERVAL_MS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     k = queue.keys
-    try:
-        deadline = time.monotonic() + 20
-        while "gpu-worker" not in client.smembers(k.workers_active):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with worker_process(env, client, "gpu-worker") as proc:
         worker = next(w for w in queue.workers() if w["id"] == "gpu-worker")
         figures = worker["telemetry"]["gpu"]
         assert figures["uuid"] == host["gpus"][1]["uuid"] and figures["name"] == "NVIDIA A100-SXM4-80GB"
@@ -217,17 +210,8 @@ def test_gpu_worker_heartbeats_its_own_gpu_and_serves_gpu_jobs(env_base: dict[st
         fits = queue.submit(JobSpec.parse({"service_required": "noop", "requirements": {
             "gpu_model": "A100", "gpu_memory_free_gb": 40}}))
         too_big = queue.submit(JobSpec.parse({"service_required": "noop", "requirements": {"gpu_memory_gb": 100}}))
-        while client.hget(k.job(fits), "status") != "completed":
-            assert proc.poll() is None and time.monotonic() < deadline + 10
-            time.sleep(0.05)
+        wait_alive(proc, lambda: client.hget(k.job(fits), "status") == "completed", 10, "the job that fits")
         assert client.hget(k.job(too_big), "status") == "unworkable"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out
 
 
 def test_status_shows_which_worker_owns_which_gpu(env_base: dict[str, str], tmp_path: Path) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +17,8 @@ from appliance.jobs import JobSpec
 from appliance.queue import Queue
 from appliance.settings import QueueSettings, WorkerSettings
 from appliance.worker import Worker
-from conftest import ROOT
 from connectors.simulation import SimulationConnector
+from procs import wait_alive, worker_process
 
 SIM_ENV = {"WORKER_SIMULATION_PROCESSING_TIME": "0.05", "WORKER_SIMULATION_STEPS": "2"}
 
@@ -294,27 +291,11 @@ def test_worker_process_runs_jobs_and_deregisters_on_term(env_base: dict[str, st
                                                           queue: Queue) -> None:
     """A real worker process: wakes on submit, completes, and removes its keys on SIGTERM."""
     k = queue.keys
-    env = {**env_base, "WORKER_ID": "proc-worker", "WORKER_POLL_INTERVAL_MS": "60000",
-           "WORKER_HEARTBEAT_INTERVAL_MS": "200", **SIM_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while "proc-worker" not in client.smembers(k.workers_active):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_HEARTBEAT_INTERVAL_MS": "200", **SIM_ENV}
+    with worker_process(env, client, "proc-worker") as proc:
         job_id = submit(queue, payload={"duration": 20, "steps": 2})
         # the poll interval is a minute: only the wake-up signal can make this finish in time
-        while client.hget(k.job(job_id), "status") != "completed":
-            assert proc.poll() is None and time.monotonic() < deadline + 10
-            time.sleep(0.05)
+        wait_alive(proc, lambda: client.hget(k.job(job_id), "status") == "completed", 10, "the job")
         assert client.hget(k.job(job_id), "worker_id") == "proc-worker"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out
     assert "proc-worker" not in client.smembers(k.workers_active)
     assert not client.exists(k.worker("proc-worker"), k.worker_heartbeat("proc-worker"))
