@@ -181,25 +181,22 @@ class ClaimPlanner:
         self._key: tuple[Any, ...] | None = None
         self._at = 0.0
         self._queues: list[str] = []
-        self._version = 0
-        self._version_stale = True
+        self._version: int | None = None
 
-    def mark_stale(self) -> None:
-        """A job arrived in an empty queue (a wake-up): it may be of a new class, so read the version again."""
-        self._version_stale = True
-
-    def _class_version(self, now: float) -> int:
-        """The class version, read from Redis only after a wake-up or `refresh_s`, not on every claim."""
-        if self._version_stale or now - self._at >= self.refresh_s:
-            self._version = self.book.version()
-            self._version_stale = False
-        return self._version
+    def observe(self, version: int) -> bool:
+        """Note the class version a claim reported; True if it changed (the queues are planned again)."""
+        if version == self._version:
+            return False
+        self._version = version
+        return True
 
     def queues(self, services: list[str], capabilities: Callable[[], dict[str, Any]],
                telemetry: dict[str, Any] | None) -> list[str]:
         """The claim queues to read now; refreshed on a new class, new telemetry, or after `refresh_s`."""
         now = time.monotonic()
-        key = (self._class_version(now), tuple(services), id(telemetry))
+        if self._version is None:  # before the first claim reports it
+            self._version = self.book.version()
+        key = (self._version, tuple(services), id(telemetry))
         if key == self._key and now - self._at < self.refresh_s:
             return self._queues
         caps = capabilities()

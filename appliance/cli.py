@@ -37,6 +37,7 @@ from appliance.runtime import (
 from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
 
 START_TIMEOUT_S = 90
+SUPERVISORD_GRACE_S = 10  # how long supervisord may take to write its pid file after daemonizing
 
 
 class CliError(Exception):
@@ -130,6 +131,7 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
     queue = Queue(connect(env["REDIS_URL"]), QueueSettings.from_env(env))
     deadline = time.monotonic() + START_TIMEOUT_S
     last = ""
+    seen = False
     while time.monotonic() < deadline:
         code, _ = read_health(url)
         try:
@@ -137,7 +139,13 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
         except redis.RedisError:
             registered = 0
         if supervisord_pid(paths) is None:
-            break
+            # it daemonizes before writing its pid file: absent for a moment after the start, fatal later
+            if seen or time.monotonic() > deadline - START_TIMEOUT_S + SUPERVISORD_GRACE_S:
+                last = "supervisord exited" if seen else "supervisord wrote no pid file"
+                break
+            time.sleep(0.1)
+            continue
+        seen = True
         programs = [i for i in rpc(paths).getAllProcessInfo() if i["statename"] != "STOPPED"]
         starting = [i["name"] for i in programs if i["statename"] in ("STARTING", "BACKOFF")]
         state = f"api {'up' if code == 200 else 'starting'}, workers {registered}/{workers}"

@@ -16,10 +16,11 @@ import redis
 from appliance import clock
 from appliance.errors import JobExists, JobFinished, JobLost, JobNotFound
 from appliance.keys import Keys
+from appliance.redis_conn import DirectCalls
 from appliance.settings import QueueSettings
 
 SCRIPT_NAMES = (
-    "submit_job", "claim_job", "progress_job", "complete_job", "fail_job", "release_job", "cancel_job",
+    "submit_job", "claim_job", "progress_job", "complete_jobs", "fail_job", "release_job", "cancel_job",
     "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs", "recover_jobs",
     "register_class", "mark_unworkable", "revive_unworkable",  # wrapped in appliance/matching.py
 )
@@ -50,6 +51,7 @@ class Claimed:
 class ClaimResult:
     jobs: list[Claimed]
     next_due_ms: int | None
+    classes_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Scripts:
         self.keys = keys
         self.settings = settings
         self._scripts = {name: client.register_script(load_source(name)) for name in SCRIPT_NAMES}
+        self._direct = DirectCalls(client)
         self._fixed_keys = [keys.pending, keys.delayed, keys.leases, keys.index_all, keys.expiry, keys.events,
                             keys.stats]
         self._prefixes = [keys.job_prefix, keys.progress_prefix, keys.index_status_prefix,
@@ -108,11 +111,15 @@ class Scripts:
         ms = clock.now_ms() if now_ms is None else now_ms
         argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now, *args]
         script = self._scripts[name]
-        if isinstance(client, redis.client.Pipeline):
+        all_keys = self._fixed_keys + keys
+        if client is not None:
             # EVALSHA directly: a Script object in a pipeline costs a SCRIPT EXISTS round trip per execute.
-            all_keys = self._fixed_keys + keys
             return client.evalsha(script.sha, len(all_keys), *all_keys, *argv)
-        return script(keys=self._fixed_keys + keys, args=argv, client=client or self.client)
+        try:
+            return self._direct.execute("EVALSHA", script.sha, len(all_keys), *all_keys, *argv)
+        except redis.exceptions.NoScriptError:  # first use, or Redis restarted without its script cache
+            script.sha = self._direct.execute("SCRIPT", "LOAD", script.script)
+            return self._direct.execute("EVALSHA", script.sha, len(all_keys), *all_keys, *argv)
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
@@ -134,13 +141,16 @@ class Scripts:
 
     def claim(self, worker_id: str, queues: list[str], count: int, lease_ms: int,
               now_ms: int | None = None) -> ClaimResult:
-        """Take up to `count` of the best jobs across `queues` (claim queue keys the worker can serve)."""
+        """Take up to `count` of the best jobs across `queues` (claim queue keys the worker can serve).
+
+        The result carries the requirement classes' version, so a worker learns of a new class from its
+        claims (and plans its queues again) without asking Redis separately."""
         k = self.keys
-        reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), *queues],
+        reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), k.classes_version, *queues],
                            [worker_id, count, lease_ms], now_ms)
-        jobs = [Claimed(dict(zip(flat[::2], flat[1::2], strict=False))) for flat in reply[1:]]
+        jobs = [Claimed(dict(zip(flat[::2], flat[1::2], strict=False))) for flat in reply[2:]]
         next_due = int(reply[0])
-        return ClaimResult(jobs, None if next_due < 0 else next_due)
+        return ClaimResult(jobs, None if next_due < 0 else next_due, int(reply[1]))
 
     def _held_reply(self, reply: list[Any], job_id: str, worker_id: str) -> list[Any]:
         if reply[0] == "not_found":
@@ -158,27 +168,26 @@ class Scripts:
 
     def complete(self, job_id: str, worker_id: str, attempt: str, result: Any, message: str = "",
                  now_ms: int | None = None) -> None:
-        reply = self._complete_call(Completion(job_id, worker_id, attempt, result, message), now_ms, None)
+        reply = self.complete_many([Completion(job_id, worker_id, attempt, result, message)], now_ms)
         self._held_reply(reply, job_id, worker_id)
 
     def complete_many(self, items: list[Completion], now_ms: int | None = None) -> list[str]:
-        """Complete several jobs in one pipeline (one round trip); returns each reply code in order:
-        "ok", "lost" or "not_found"."""
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for item in items:
-                self._complete_call(item, now_ms, pipe)
-            try:
-                return [str(reply[0]) for reply in pipe.execute()]
-            except redis.exceptions.NoScriptError:  # Redis restarted without its script cache: load, retry
-                self._scripts["complete_job"].sha = self.client.script_load(self._scripts["complete_job"].script)
-        raise RuntimeError("complete_job could not be loaded into Redis")
-
-    def _complete_call(self, item: Completion, now_ms: int | None, client: Any) -> Any:
+        """Complete several jobs, one script call per worker (normally one call in all); returns each reply
+        code in order: "ok", "lost" or "not_found"."""
         k = self.keys
-        return self._call("complete_job", [k.worker_jobs(item.worker_id), k.worker(item.worker_id)],
-                          [item.job_id, item.worker_id, item.attempt, orjson.dumps(item.result),
-                           item.message or "Job completed"], now_ms, client)
+        by_worker: dict[str, list[int]] = {}
+        for n, item in enumerate(items):
+            by_worker.setdefault(item.worker_id, []).append(n)
+        codes = [""] * len(items)
+        for worker_id, places in by_worker.items():
+            args: list[Any] = [worker_id]
+            for n in places:
+                item = items[n]
+                args += [item.job_id, item.attempt, orjson.dumps(item.result), item.message or "Job completed"]
+            reply = self._call("complete_jobs", [k.worker_jobs(worker_id), k.worker(worker_id)], args, now_ms)
+            for n, code in zip(places, reply, strict=True):
+                codes[n] = str(code)
+        return codes
 
     def fail(self, job_id: str, worker_id: str, attempt: str, error: str, *, retryable: bool,
              delay_ms: int, final_status: str = "failed", now_ms: int | None = None) -> FailResult:

@@ -78,6 +78,8 @@ class Worker:
         self.stopped = gevent.event.Event()
         self._wake = gevent.event.Event()
         self._next_due_ms: int | None = None
+        self._backlog = True  # the worker's queues may hold jobs (False after a claim that emptied them)
+        self._wakes = 0  # wake-up messages received
         self._greenlets: list[gevent.Greenlet] = []
         self._completions: list[tuple[Completion, gevent.event.AsyncResult]] = []
         self._completions_ready = gevent.event.Event()
@@ -137,8 +139,8 @@ class Worker:
         self._greenlets = [gevent.spawn(self._heartbeat_loop), gevent.spawn(self._listen_loop)]
         try:
             while not self.draining:
-                claimed = self._guard(self.run_once, 0)
-                if claimed == 0:
+                self._guard(self.run_once, 0)
+                if not self._backlog or self.free_slots() == 0:
                     self._wait_for_work()
             self._drain()
         finally:
@@ -181,15 +183,26 @@ class Worker:
         return max(0, self.settings.max_concurrent_jobs - len(self.running))
 
     def run_once(self, now_ms: int | None = None) -> int:
-        """Claim as many jobs as there are free slots and start them; returns how many were claimed."""
+        """Claim as many jobs as there are free slots and start them; returns how many were claimed.
+
+        A claim that left the worker's queues empty clears `backlog`: finishing jobs then does not set off
+        further claims, until a wake-up says a job arrived (or the poll interval passes)."""
         slots = self.free_slots()
         if slots == 0 or self.draining or not self.services:
             return 0
-        result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms)
-        self._next_due_ms = result.next_due_ms
-        for claimed in result.jobs:
-            self._start(claimed)
-        return len(result.jobs)
+        claimed = 0
+        for _ in range(2):  # once more at once if the claim reports a new requirement class
+            wakes = self._wakes
+            result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms)
+            self._backlog = len(result.jobs) == slots or self._wakes != wakes
+            self._next_due_ms = result.next_due_ms
+            for job in result.jobs:
+                self._start(job)
+            claimed += len(result.jobs)
+            slots = self.free_slots()
+            if not self.planner.observe(result.classes_version) or slots == 0:
+                break
+        return claimed
 
     def claim_queues(self) -> list[str]:
         """The claim queues this worker can serve now: its healthy services' queues and the requirement
@@ -235,7 +248,8 @@ class Worker:
         finally:
             if self.running.get(claimed.id) is job:
                 del self.running[claimed.id]
-            self._wake.set()
+            if self._backlog or self.draining:  # a free slot matters only if there may be work for it
+                self._wake.set()
 
     def _hard_stop(self, connector: Connector, context: JobContext, runner: gevent.Greenlet) -> None:
         """Tell the connector to stop the job, then abandon the attempt for real if it does not."""
@@ -405,19 +419,23 @@ class Worker:
             pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)
-                self.planner.mark_stale()
-                self._wake.set()  # anything submitted while we were not listening
+                self._woken()  # anything submitted while we were not listening
                 for message in pubsub.listen():
                     if message["channel"] == self.keys.cancels:
                         self._on_cancel(message["data"])
                     else:
-                        self.planner.mark_stale()
-                        self._wake.set()
+                        self._woken()
             except redis.RedisError as exc:
                 log.warning("wake-up listener lost Redis (%s); retrying in 1s", exc)
                 gevent.sleep(1)
             finally:
                 pubsub.close()
+
+    def _woken(self) -> None:
+        """A job arrived in an empty claim queue of ours: claim again."""
+        self._wakes += 1
+        self._backlog = True
+        self._wake.set()
 
     def _on_cancel(self, data: str) -> None:
         try:

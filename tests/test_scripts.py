@@ -563,6 +563,27 @@ def test_complete_many_in_one_pipeline_is_idempotent_and_refuses_stale(queue: Qu
     assert [f["event"] for _, f in client.xrange(queue.keys.progress("j1"))].count("completed") == 1
 
 
+def test_a_batch_of_completions_updates_the_worker_once(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    for worker_id in ("w1", "w2"):
+        queue.scripts.register_worker(worker_id, 30, {"services": "sim"}, now_ms=T0)
+    for n in range(5):
+        submit(queue, f"j{n}")
+    mine = claim(queue, "w1", count=3).jobs
+    theirs = claim(queue, "w2", count=2).jobs
+    assert client.hget(k.worker("w1"), "current_jobs") == "3"
+    batch = [Completion(mine[0].id, "w1", mine[0].attempt, {}), Completion(theirs[0].id, "w2", theirs[0].attempt, {}),
+             Completion(mine[1].id, "w1", mine[1].attempt, {}), Completion("nope", "w1", "1", {})]
+    assert queue.scripts.complete_many(batch, now_ms=T0) == ["ok", "ok", "ok", "not_found"], "codes in order"
+    w1 = client.hgetall(k.worker("w1"))
+    assert (w1["current_jobs"], w1["total_jobs_completed"], w1["status"]) == ("1", "2", "busy")
+    assert client.smembers(k.worker_jobs("w1")) == {mine[2].id}
+    queue.scripts.complete(mine[2].id, "w1", mine[2].attempt, {}, now_ms=T0)
+    w1 = client.hgetall(k.worker("w1"))
+    assert (w1["current_jobs"], w1["total_jobs_completed"], w1["status"]) == ("0", "3", "idle")
+    assert client.hget(k.worker("w2"), "current_jobs") == "1"
+
+
 @pytest.mark.parametrize("outcome", ["fail", "release"])
 def test_a_cancel_requested_while_running_wins_over_a_retry_or_a_hand_back(queue: Queue, client: redis.Redis,
                                                                            outcome: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -117,6 +117,39 @@ def test_worker_ignores_services_it_does_not_serve(worker: Worker, queue: Queue,
     other = queue.submit(JobSpec.parse({"service_required": "comfyui", "priority": 1000}))
     assert worker.run_once() == 0
     assert client.hget(queue.keys.job(other), "status") == "pending"
+
+
+def test_a_running_worker_learns_of_a_new_requirement_class_from_its_claim(worker: Worker, queue: Queue,
+                                                                           client: redis.Redis) -> None:
+    submit(queue, payload={"duration": 1, "steps": 1})
+    assert worker.run_once() == 1  # plans its claim queues: no requirement class exists yet
+    wait_idle(worker)
+    job_id = submit(queue, customer_id="acme", payload={"duration": 1, "steps": 1})  # a class of its own
+    assert client.hget(queue.keys.job(job_id), "queue") != queue.keys.pending_service("simulation")
+    # the claim reports the new class version: the worker plans its queues again and claims at once
+    assert worker.run_once() == 1
+    assert job_id in worker.running
+
+
+def test_bursts_and_trickles_need_no_polling(env_base: dict[str, str], client: redis.Redis, queue: Queue) -> None:
+    """With a one-minute poll interval, only wake-ups and freed slots can drive these claims: a burst larger
+    than the worker's slots (claims after completions, without wake-ups), single jobs into an idle worker (one
+    wake-up each), then a burst again."""
+    k = queue.keys
+    env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_MAX_CONCURRENT_JOBS": "2", **SIM_ENV}
+
+    def all_completed(ids: list[str]) -> Callable[[], bool]:
+        return lambda: all(client.hget(k.job(job_id), "status") == "completed" for job_id in ids)
+
+    with worker_process(env, client, "burst-worker") as proc:
+        for shape in ("burst", "trickle", "burst"):
+            if shape == "burst":
+                ids = [submit(queue, payload={"duration": 20, "steps": 1}) for _ in range(12)]
+                wait_alive(proc, all_completed(ids), 15, f"a {shape} of 12 jobs")
+            else:
+                for _ in range(5):
+                    wait_alive(proc, all_completed([submit(queue, payload={"duration": 20, "steps": 1})]), 5,
+                               "a single job")
 
 
 # -- running jobs through the simulation connector ------------------------------------------------------------------

@@ -74,19 +74,21 @@ local function retire(job_id, status, service)
   redis.call('HINCRBY', K_STATS, status, 1)
 end
 
+-- Record on the worker's hash how many jobs it still holds (idle when none), if it is still registered.
+local function holding(worker_key, worker_jobs_key)
+  if redis.call('EXISTS', worker_key) == 0 then return end
+  local left = redis.call('SCARD', worker_jobs_key)
+  if left == 0 then
+    redis.call('HSET', worker_key, 'current_jobs', 0, 'last_status_change', NOW_ISO, 'status', 'idle',
+      'current_job_id', '')
+  else
+    redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
+  end
+end
+
 -- Release a worker's hold on a job (worker hash counters and its set of held jobs).
 local function unhold(worker_key, worker_jobs_key, job_id)
-  if worker_jobs_key and redis.call('SREM', worker_jobs_key, job_id) == 1 and worker_key then
-    if redis.call('EXISTS', worker_key) == 1 then
-      local left = redis.call('SCARD', worker_jobs_key)
-      if left == 0 then
-        redis.call('HSET', worker_key, 'current_jobs', 0, 'last_status_change', NOW_ISO, 'status', 'idle',
-          'current_job_id', '')
-      else
-        redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
-      end
-    end
-  end
+  if redis.call('SREM', worker_jobs_key, job_id) == 1 then holding(worker_key, worker_jobs_key) end
 end
 
 -- The job's status, seq, service, score, retry_count, max_retries and started_at if `worker_id` holds it

@@ -1,12 +1,14 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
 -- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds
 -- KEYS[9]   worker:{id}                worker hash (status, current job)
--- KEYS[10..] claim queues               every queue (service, requirement class) the worker can serve
+-- KEYS[10]  jobs:classes:version       counter bumped when a requirement class appears
+-- KEYS[11..] claim queues               every queue (service, requirement class) the worker can serve
 -- ARGV[15] worker id   ARGV[16] how many jobs to take at most   ARGV[17] lease (ms)
 -- Jobs whose lease expired are first recovered (see recover_expired), and due retries in jobs:delayed are
 -- put back in line at their own score. Only the heads of the
 -- worker's own queues are read: pending jobs it cannot serve cost nothing.
--- Returns {next_due_ms or -1, job1_fields, job2_fields, ...} where each jobN_fields is HGETALL's list.
+-- Returns {next_due_ms or -1, classes version, job1_fields, job2_fields, ...} where each jobN_fields is
+-- HGETALL's list.
 local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
 
@@ -21,7 +23,7 @@ end
 local claimed = {}
 while #claimed < want do
   local best_key, best_id, best_score = nil, nil, nil
-  for i = FIRST_KEY + 2, #KEYS do
+  for i = FIRST_KEY + 3, #KEYS do
     local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
     if head[1] and (best_score == nil or tonumber(head[2]) > best_score) then
       best_key, best_id, best_score = KEYS[i], head[1], tonumber(head[2])
@@ -55,6 +57,6 @@ if #claimed > 0 and redis.call('EXISTS', worker_key) == 1 then
 end
 
 local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-local result = { next_due[2] and tonumber(next_due[2]) or -1 }
+local result = { next_due[2] and tonumber(next_due[2]) or -1, tonumber(redis.call('GET', KEYS[FIRST_KEY + 2]) or 0) }
 for _, job in ipairs(claimed) do result[#result + 1] = job end
 return result
