@@ -11,10 +11,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@lru_cache(maxsize=64)
 def iso(ms: int) -> str:
     """`ms` as an ISO 8601 UTC timestamp with millisecond precision, like JavaScript's toISOString().
 
-    Cached: every script call stamps the current millisecond, and busy processes make many calls in one.
+    Every script call stamps the current millisecond, so the formatting of its second is cached.
     """
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_second(ms // 1000)}{ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=8)
+def _second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
