@@ -338,6 +338,9 @@ class Worker:
             delay_ms=self.retry_delay_ms(int(claimed.fields.get("retry_count") or 0)), final_status=final_status))
         if result.retrying:
             log.warning("job failed, will retry id=%s retry=%d error=%s", job_id, result.retry_count, message)
+            if self._next_due_ms is None or result.due_ms < self._next_due_ms:
+                self._next_due_ms = result.due_ms
+            self._wake.set()  # the claim loop waits until the retry is due, not for the poll interval
         else:
             log.warning("job ended id=%s status=%s error=%s", job_id, result.status, message)
 

@@ -132,18 +132,23 @@ def test_a_running_worker_learns_of_a_new_requirement_class_from_its_claim(worke
 
 
 def test_bursts_and_trickles_need_no_polling(env_base: dict[str, str], client: redis.Redis, queue: Queue) -> None:
-    """With a one-minute poll interval, only wake-ups and freed slots can drive these claims: a burst larger
-    than the worker's slots (claims after completions, without wake-ups), single jobs into an idle worker (one
-    wake-up each), then a burst again."""
+    """With a one-minute poll interval, only wake-ups, freed slots and due retries can drive these claims: a
+    burst larger than the worker's slots (claims after completions, without wake-ups), single jobs into an idle
+    worker (one wake-up each), a job retried after a 300 ms backoff, then a burst again."""
     k = queue.keys
-    env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_MAX_CONCURRENT_JOBS": "2", **SIM_ENV}
+    env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_MAX_CONCURRENT_JOBS": "2",
+           "JOB_RETRY_BASE_MS": "300", **SIM_ENV}
 
     def all_completed(ids: list[str]) -> Callable[[], bool]:
         return lambda: all(client.hget(k.job(job_id), "status") == "completed" for job_id in ids)
 
     with worker_process(env, client, "burst-worker") as proc:
-        for shape in ("burst", "trickle", "burst"):
-            if shape == "burst":
+        for shape in ("burst", "trickle", "retry", "burst"):
+            if shape == "retry":
+                job_id = submit(queue, payload={"duration": 20, "steps": 1, "fail": 1})
+                wait_alive(proc, all_completed([job_id]), 5, "a job retried once")
+                assert client.hget(k.job(job_id), "retry_count") == "1"
+            elif shape == "burst":
                 ids = [submit(queue, payload={"duration": 20, "steps": 1}) for _ in range(12)]
                 wait_alive(proc, all_completed(ids), 15, f"a {shape} of 12 jobs")
             else:
