@@ -150,7 +150,15 @@ class PrivateAppliance:
     def start(self) -> PrivateAppliance:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started = True
-        self._cli("start")
+        try:
+            self._cli("start")
+        except BaseException:
+            # a start that failed halfway may have left supervisord and some programs running
+            try:
+                self.stop()
+            except Exception as exc:
+                print(f"private appliance: stop after a failed start failed too: {exc}", file=sys.stderr)
+            raise
         return self
 
     def stop(self, keep_data: bool = False) -> None:

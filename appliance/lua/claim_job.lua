@@ -20,17 +20,25 @@ for _, job_id in ipairs(due) do
   if job[1] and job[3] == 'pending' then enqueue(job_id, job[1], job[4], job[2]) end
 end
 
+-- The head (best job) of each queue, read once; only the queue a job was taken from is read again, so taking
+-- n jobs from q queues costs q + n reads, not q * n.
+local heads = {}
+local function read_head(i)
+  local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  heads[i] = head[1] and { head[1], tonumber(head[2]) } or false
+end
+for i = FIRST_KEY + 3, #KEYS do read_head(i) end
+
 local claimed = {}
 while #claimed < want do
-  local best_key, best_id, best_score = nil, nil, nil
+  local best = nil
   for i = FIRST_KEY + 3, #KEYS do
-    local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-    if head[1] and (best_score == nil or tonumber(head[2]) > best_score) then
-      best_key, best_id, best_score = KEYS[i], head[1], tonumber(head[2])
-    end
+    if heads[i] and (best == nil or heads[i][2] > heads[best][2]) then best = i end
   end
-  if best_id == nil then break end
-  redis.call('ZREM', best_key, best_id)
+  if best == nil then break end
+  local best_id = heads[best][1]
+  redis.call('ZREM', KEYS[best], best_id)
+  read_head(best)
   redis.call('ZREM', K_PENDING, best_id)
   local job_key = P_JOB .. best_id
   local job = redis.call('HMGET', job_key, 'status', 'seq', 'attempt')
