@@ -1,7 +1,8 @@
 """Requirement classes in Redis, and which claim queues a worker serves.
 
-`ClassBook` records a class when its first job is submitted, lists the classes of some services, and moves a
-class's jobs to `unworkable` (and back) as registered workers come and go. `ClaimPlanner` is the worker's
+A job's submit records its class (appliance/lua/submit_job.lua); `ClassBook` lists the classes of some
+services, forgets those left idle and empty (`forget_idle`), and moves a class's jobs to `unworkable` (and back)
+as registered workers come and go. `ClaimPlanner` is the worker's
 side: from its capabilities and latest telemetry it works out, in Python, the claim queues it can serve, and
 caches them until a new class appears, its telemetry changes or a while has passed.
 """
@@ -26,7 +27,7 @@ WORKERS_CACHE_S = 1.0
 REFRESH_S = 15.0
 
 
-REGISTERED_CACHE_S = 30.0
+CLASS_IDLE_S = 600  # a class nobody submitted to for this long, with no job left, is forgotten
 
 
 class ClassBook:
@@ -38,7 +39,6 @@ class ClassBook:
         self.scripts = scripts
         self._workers: dict[str, dict[str, Any]] = {}
         self._workers_at = -WORKERS_CACHE_S
-        self._registered: dict[str, float] = {}
 
     def for_job(self, service: str, requirements: dict[str, Any],
                 customer_id: str) -> RequirementClass | None:
@@ -49,21 +49,15 @@ class ClassBook:
         queue = self.keys.pending_class(service, cid)
         return RequirementClass(cid, service, requirements, customer_id, queue)
 
-    def register(self, job_class: RequirementClass) -> bool:
-        """Record the class (idempotent); True if it is new. A class this process recorded in the last
-        REGISTERED_CACHE_S is not sent again (one script call less per submit)."""
-        now = time.monotonic()
-        if now - self._registered.get(job_class.id, -REGISTERED_CACHE_S) < REGISTERED_CACHE_S:
-            return False
-        self._registered[job_class.id] = now
-        k = self.keys
-        reply = self.scripts._call("register_class", [k.requirement_class(job_class.id),
-                                                      k.requirement_classes(job_class.service),
-                                                      k.classes_version], [job_class.id, job_class.record()])
-        return bool(int(reply[0]))
-
     def version(self) -> int:
         return int(self.client.get(self.keys.classes_version) or 0)
+
+    def forget_idle(self, idle_s: float = CLASS_IDLE_S) -> int:
+        """Forget classes nobody submitted to for `idle_s` whose jobs are all gone; returns how many."""
+        forgotten = self.scripts.prune_classes(int(idle_s * 1000))
+        if forgotten:
+            log.info("requirement classes forgotten (idle %ds, no job left): %d", idle_s, forgotten)
+        return forgotten
 
     def load(self, services: list[str] | tuple[str, ...]) -> list[RequirementClass]:
         """Every recorded class of these services."""

@@ -124,14 +124,33 @@ class Keys:
         """String: JSON of a requirement class (service, requirements, customer_id, queue)."""
         return f"{self.prefix}jobs:class:{class_id}"
 
+    @property
+    def requirement_class_prefix(self) -> str:
+        return f"{self.prefix}jobs:class:"
+
     def requirement_classes(self, service: str) -> str:
-        """Set of the requirement class ids seen for a service."""
+        """Set of the ids of a service's requirement classes (those submitted to lately)."""
         return f"{self.prefix}jobs:classes:{service}"
 
     @property
+    def requirement_classes_prefix(self) -> str:
+        return f"{self.prefix}jobs:classes:"
+
+    @property
     def classes_version(self) -> str:
-        """Counter bumped whenever a new requirement class appears (workers refresh their claim queues)."""
-        return f"{self.prefix}jobs:classes:version"
+        """Counter bumped whenever a requirement class appears or is forgotten (workers plan their claim queues
+        again). Not under jobs:classes:, where a service could be named "version"."""
+        return f"{self.prefix}jobs:class-version"
+
+    @property
+    def classes_used(self) -> str:
+        """Zset: requirement class id → when a job was last submitted to it (epoch ms); idle classes whose
+        queues are empty are forgotten (appliance/classes.py CLASS_IDLE_S)."""
+        return f"{self.prefix}jobs:class-used"
+
+    @property
+    def unworkable_prefix(self) -> str:
+        return f"{self.prefix}jobs:unworkable:"
 
     def unworkable_class(self, class_id: str) -> str:
         """Jobs of a class that no registered worker can serve; same scores as the claim queues."""

@@ -42,11 +42,9 @@ class Queue:
         """
         requirements = parse_requirements(spec.requirements)
         job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
-        if job_class is not None:
-            self.classes.register(job_class)
         try:
-            self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
-                                queue=job_class.queue if job_class else None, now_ms=now_ms)
+            self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), job_class,
+                                now_ms=now_ms)
         except JobExists:
             pass  # ids are uuid4s made here: only our own re-sent submit can have stored it already
         if job_class is not None:

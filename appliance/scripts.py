@@ -16,13 +16,14 @@ import redis
 from appliance import clock
 from appliance.errors import JobExists, JobFinished, JobLost, JobNotFound
 from appliance.keys import Keys
+from appliance.matching import RequirementClass
 from appliance.redis_conn import DirectCalls
 from appliance.settings import QueueSettings
 
 SCRIPT_NAMES = (
     "submit_job", "claim_job", "progress_job", "complete_jobs", "fail_job", "release_job", "cancel_job",
     "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs", "recover_jobs",
-    "register_class", "mark_unworkable", "revive_unworkable",  # wrapped in appliance/matching.py
+    "prune_classes", "mark_unworkable", "revive_unworkable",  # the last two wrapped in appliance/classes.py
 )
 
 
@@ -98,6 +99,7 @@ class Scripts:
         self.settings = settings
         self._scripts = {name: client.register_script(load_source(name)) for name in SCRIPT_NAMES}
         self._direct = DirectCalls(client)
+        self._loaded: set[str] = set()  # scripts loaded for pipelines by this object
         self._fixed_keys = [keys.pending, keys.delayed, keys.leases, keys.index_all, keys.expiry, keys.events,
                             keys.stats]
         self._prefixes = [keys.job_prefix, keys.progress_prefix, keys.index_status_prefix,
@@ -112,8 +114,10 @@ class Scripts:
         argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now, *args]
         script = self._scripts[name]
         all_keys = self._fixed_keys + keys
-        if client is not None:
-            # EVALSHA directly: a Script object in a pipeline costs a SCRIPT EXISTS round trip per execute.
+        if client is not None:  # a pipeline: its EVALSHA cannot load the script on NOSCRIPT, so load it first
+            if name not in self._loaded:
+                script.sha = self._direct.execute("SCRIPT", "LOAD", script.script)
+                self._loaded.add(name)
             return client.evalsha(script.sha, len(all_keys), *all_keys, *argv)
         try:
             return self._direct.execute("EVALSHA", script.sha, len(all_keys), *all_keys, *argv)
@@ -123,21 +127,37 @@ class Scripts:
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
-               queue: str | None = None, now_ms: int | None = None) -> int:
-        """Create a pending job in `queue` (default: its service's queue); returns its sequence number.
+               job_class: RequirementClass | None = None, now_ms: int | None = None) -> int:
+        """Create a pending job, in its requirement class's queue if it has one (recording the class), else in
+        its service's queue; returns its sequence number.
 
         Raises:
             JobExists: a job with this id exists.
         """
-        k = self.keys
-        flat = [item for pair in fields.items() for item in pair]
-        reply = self._call("submit_job",
-                           [k.job(job_id), queue or k.pending_service(service), k.seq, k.index_service(service),
-                            k.services],
-                           [job_id, service, priority, *flat], now_ms)
+        reply = self._call("submit_job", *self._submit_call(job_id, service, priority, fields, job_class), now_ms)
         if reply[0] == "exists":
             raise JobExists(job_id)
         return int(reply[1])
+
+    def submit_into(self, pipe: redis.client.Pipeline, job_id: str, service: str, priority: int,
+                    fields: dict[str, str], job_class: RequirementClass | None = None,
+                    now_ms: int | None = None) -> None:
+        """Queue a `submit` in a pipeline (bulk loads); its reply, {"ok", seq} or {"exists"}, comes with the
+        pipeline's."""
+        self._call("submit_job", *self._submit_call(job_id, service, priority, fields, job_class), now_ms,
+                   client=pipe)
+
+    def _submit_call(self, job_id: str, service: str, priority: int, fields: dict[str, str],
+                     job_class: RequirementClass | None) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        flat = [item for pair in fields.items() for item in pair]
+        keys = [k.job(job_id), job_class.queue if job_class else k.pending_service(service), k.seq,
+                k.index_service(service), k.services]
+        if job_class is None:
+            return keys, [job_id, service, priority, "", "", *flat]
+        keys += [k.requirement_class(job_class.id), k.requirement_classes(service), k.classes_version,
+                 k.classes_used]
+        return keys, [job_id, service, priority, job_class.id, job_class.record(), *flat]
 
     def claim(self, worker_id: str, queues: list[str], count: int, lease_ms: int,
               now_ms: int | None = None) -> ClaimResult:
@@ -227,6 +247,13 @@ class Scripts:
 
     def prune(self, limit: int = 1000, now_ms: int | None = None) -> int:
         return int(self._call("prune_jobs", [], [limit, self.keys.index_service_prefix], now_ms))
+
+    def prune_classes(self, idle_ms: int, limit: int = 100, now_ms: int | None = None) -> int:
+        """Forget requirement classes idle for `idle_ms` whose jobs are all gone; returns how many."""
+        k = self.keys
+        return int(self._call("prune_classes", [k.classes_used, k.classes_version],
+                              [idle_ms, limit, k.requirement_class_prefix, k.requirement_classes_prefix,
+                               k.unworkable_prefix], now_ms))
 
     # -- workers ----------------------------------------------------------------------------------------
     def _worker_keys(self, worker_id: str) -> list[str]:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 import redis
 
+from appliance import clock
 from appliance.api.app import create_app
 from appliance.classes import ClaimPlanner, ClassBook
 from appliance.errors import ValidationError
@@ -134,6 +135,36 @@ def test_jobs_with_requirements_live_in_their_class_queue(queue: Queue, client: 
     assert client.zcard(k.pending) == 4  # the guide's global view still shows every pending job
 
 
+def test_idle_empty_classes_are_forgotten_and_come_back_with_their_next_job(queue: Queue,
+                                                                            client: redis.Redis) -> None:
+    k = queue.keys
+    worker = caps()
+    register(queue, "w", worker)
+    gone = submit(queue, {"gpu_memory_gb": 1}, customer_id="gone")
+    waiting = submit(queue, {"gpu_memory_gb": 1}, customer_id="waiting", priority=1)
+    assert claim(queue, "w", worker) == [gone]  # its class queue is empty now; the other still holds a job
+    gone_class, waiting_class = (client.hget(k.job(j), "queue").rsplit(":", 1)[1] for j in (gone, waiting))
+    version = int(client.get(k.classes_version))
+    later = clock.now_ms() + 5_000
+    assert queue.scripts.prune_classes(idle_ms=10_000, now_ms=later) == 0, "not idle long enough"
+    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later) == 1
+    assert client.smembers(k.requirement_classes("simulation")) == {waiting_class}
+    assert not client.exists(k.requirement_class(gone_class))
+    assert client.zrange(k.classes_used, 0, -1) == [waiting_class]
+    assert int(client.get(k.classes_version)) == version + 1, "workers plan their claim queues again"
+    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later) == 0, "a class with a job waiting is kept"
+    back = submit(queue, {"gpu_memory_gb": 1}, customer_id="gone", priority=90)
+    assert client.sismember(k.requirement_classes("simulation"), gone_class)
+    assert int(client.get(k.classes_version)) == version + 2
+    assert claim(queue, "w", worker, count=2) == [back, waiting]
+
+
+@pytest.mark.parametrize("service", ["version", "used"])
+def test_a_service_named_like_a_class_key_keeps_its_own_classes(queue: Queue, service: str) -> None:
+    job_id = queue.submit(JobSpec.parse({"service_required": service, "requirements": {"gpu_memory_gb": 1}}))
+    assert queue.get(job_id)["status"] == "pending"
+
+
 # -- one test per requirement kind: a worker that fits claims, one that does not claims nothing -------------
 KINDS = [
     ("gpu_memory_gb", {"gpu_memory_gb": 40}, "", caps(hardware={"gpu_memory_gb": 80}), caps()),
@@ -195,19 +226,13 @@ def test_priority_order_holds_across_class_queues(queue: Queue) -> None:
 # -- starvation ---------------------------------------------------------------------------------------------
 def bulk_submit(queue: Queue, count: int, requirements: dict[str, Any], priority: int) -> None:
     """`count` jobs of one class, through the submit script in pipelines (fast)."""
-    book = queue.classes
-    job_class = book.for_job("simulation", parse_requirements(requirements), "")
+    job_class = queue.classes.for_job("simulation", parse_requirements(requirements), "")
     assert job_class is not None
-    book.register(job_class)
-    k = queue.keys
     fields = JobSpec(service_required="simulation", requirements=requirements).stored_fields()
-    flat = [item for pair in fields.items() for item in pair]
     for start in range(0, count, 5000):
         pipe = queue.client.pipeline(transaction=False)
         for n in range(start, min(count, start + 5000)):
-            job_id = f"big-{n}"
-            queue.scripts._call("submit_job", [k.job(job_id), job_class.queue, k.seq, k.index_service("simulation"),
-                                               k.services], [job_id, "simulation", priority, *flat], client=pipe)
+            queue.scripts.submit_into(pipe, f"big-{n}", "simulation", priority, fields, job_class)
         pipe.execute()
 
 

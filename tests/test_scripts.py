@@ -30,13 +30,11 @@ def submit(queue: Queue, job_id: str, service: str = "sim", priority: int = 50, 
 
 def bulk_submit(queue: Queue, ids: list[str], service: str, priority: int, batch: int = 5000) -> None:
     """Submit many jobs through pipelines (the same script and keys as Scripts.submit, fewer round trips)."""
-    k, scripts = queue.keys, queue.scripts
     for start in range(0, len(ids), batch):
         pipe = queue.client.pipeline(transaction=False)
         for job_id in ids[start:start + batch]:
-            scripts._call("submit_job",
-                          [k.job(job_id), k.pending_service(service), k.seq, k.index_service(service), k.services],
-                          [job_id, service, priority, "max_retries", "3", "payload", "{}"], T0, client=pipe)
+            queue.scripts.submit_into(pipe, job_id, service, priority, {"max_retries": "3", "payload": "{}"},
+                                      now_ms=T0)
         replies = pipe.execute()
         assert all(reply[0] == "ok" for reply in replies)
 

@@ -1,5 +1,6 @@
 """Background upkeep in each API process: jobs whose worker died are put back even when every live worker is
-busy (workers also do this; whoever comes first does it, atomically), and expired jobs leave the indexes."""
+busy (workers also do this; whoever comes first does it, atomically), expired jobs leave the indexes, and
+requirement classes left idle and empty are forgotten."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Janitor(Periodic):
 
     def tick(self, n: int) -> None:
         self.queue.scripts.prune()  # finished jobs whose retention ran out leave the indexes even if nobody lists
+        self.queue.classes.forget_idle()
         recovery = self.queue.scripts.recover()
         if recovery.jobs or recovery.dead_workers:
             log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,

@@ -1,22 +1,36 @@
--- submit_job: create a job and put it in line.
+-- submit_job: create a job and put it in line (recording its requirement class, if it has one).
 -- KEYS[8]  job:{id}                   hash, must not exist
 -- KEYS[9]  the job's claim queue      zset: jobs:pending:{service}, or one per requirement class
 -- KEYS[10] jobs:seq                   counter
 -- KEYS[11] jobs:index:service:{svc}   zset
 -- KEYS[12] jobs:services              set of every service ever submitted
+-- with a requirement class only:
+-- KEYS[13] jobs:class:{class id}      string, JSON of the class (service, requirements, customer_id, queue)
+-- KEYS[14] jobs:classes:{service}     set of the service's class ids
+-- KEYS[15] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
+-- KEYS[16] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
 -- ARGV[15] job id   ARGV[16] service   ARGV[17] priority (integer 0..1000000)
--- ARGV[18..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- ARGV[18] class id ('' for the service's own queue)   ARGV[19] class JSON ('' without a class)
+-- ARGV[20..] field, value pairs for the job hash (payload, requirements, ... already encoded)
 -- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
 -- (the largest score, about 8.6e15, stays below 2^53).
 -- Returns {"ok", seq} or {"exists"}.
 local job_key = KEYS[FIRST_KEY]
 local job_id, service, priority = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], tonumber(ARGV[FIRST_ARG + 2])
+local class_id, class_record = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
 if redis.call('EXISTS', job_key) == 1 then return { 'exists' } end
+if class_id ~= '' then
+  if redis.call('SADD', KEYS[FIRST_KEY + 6], class_id) == 1 then
+    redis.call('SET', KEYS[FIRST_KEY + 5], class_record)
+    redis.call('INCR', KEYS[FIRST_KEY + 7])
+  end
+  redis.call('ZADD', KEYS[FIRST_KEY + 8], NOW_MS, class_id)
+end
 local seq = redis.call('INCR', KEYS[FIRST_KEY + 2])
 local span = 8589934592
 local score = string.format('%.0f', priority * span + (span - 1 - seq))
 local fields = {}
-for i = FIRST_ARG + 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = FIRST_ARG + 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 fields[#fields + 1] = 'queue'
 fields[#fields + 1] = KEYS[FIRST_KEY + 1]
 set_status(job_id, nil, 'pending', seq, { 'id', job_id, 'service_required', service, 'priority', priority,

@@ -1,0 +1,28 @@
+-- prune_classes: forget requirement classes nobody submitted to for a while and whose jobs are all gone, so
+-- that classes (one per requirements and customer) do not pile up and slow every worker's claims.
+-- KEYS[8] jobs:class-used   KEYS[9] jobs:class-version
+-- ARGV[15] idle time (ms) after the last submit   ARGV[16] most classes to look at in this call
+-- ARGV[17] prefix of class records ("jobs:class:")   ARGV[18] prefix of a service's class set ("jobs:classes:")
+-- ARGV[19] prefix of a class's unworkable jobs ("jobs:unworkable:")
+-- A class with jobs still waiting (in its queue, or unworkable) is kept, and looked at again after another
+-- idle time. A later submit records the class again (submit_job), so forgetting one never strands a job.
+-- Returns how many classes were forgotten (the version is bumped once if any were).
+local used_key, version_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
+local idle_ms, limit = tonumber(ARGV[FIRST_ARG]), tonumber(ARGV[FIRST_ARG + 1])
+local p_class, p_classes, p_unworkable = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
+local idle = redis.call('ZRANGEBYSCORE', used_key, '-inf', NOW_MS - idle_ms, 'LIMIT', 0, limit)
+local forgotten = 0
+for _, class_id in ipairs(idle) do
+  local text = redis.call('GET', p_class .. class_id)
+  local record = text and cjson.decode(text)
+  if record and (redis.call('ZCARD', record.queue) > 0 or redis.call('ZCARD', p_unworkable .. class_id) > 0) then
+    redis.call('ZADD', used_key, NOW_MS, class_id)
+  else
+    if record then redis.call('SREM', p_classes .. record.service, class_id) end
+    redis.call('DEL', p_class .. class_id)
+    redis.call('ZREM', used_key, class_id)
+    forgotten = forgotten + 1
+  end
+end
+if forgotten > 0 then redis.call('INCR', version_key) end
+return forgotten
