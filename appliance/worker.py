@@ -423,9 +423,15 @@ class Worker:
             try:
                 pubsub.subscribe(*channels)
                 self._woken()  # anything submitted while we were not listening
-                for message in pubsub.listen():
-                    if message["channel"] == self.keys.cancels:
-                        self._on_cancel(message["data"])
+                # Read the subscribed connection directly: PubSub.listen's per-message machinery costs more
+                # than the message (wake-ups arrive every few jobs under load).
+                connection = pubsub.connection
+                while True:
+                    kind, channel, data = connection.read_response()
+                    if kind != "message":
+                        continue
+                    if channel == self.keys.cancels:
+                        self._on_cancel(data)
                     else:
                         self._woken()
             except redis.RedisError as exc:
