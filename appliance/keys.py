@@ -115,6 +115,23 @@ class Keys:
     def wake_prefix(self) -> str:
         return f"{self.prefix}jobs:wake:"
 
+    def wake_worker(self, worker_id: str) -> str:
+        """Pub/sub channel that wakes one idle worker (picked from `idle_workers`) when a job arrives."""
+        return f"{self.prefix}jobs:wake-worker:{worker_id}"
+
+    @property
+    def wake_worker_prefix(self) -> str:
+        return f"{self.prefix}jobs:wake-worker:"
+
+    def idle_workers(self, service: str) -> str:
+        """Set of the workers whose last claim emptied `service`'s queue and that have free slots: a job
+        arriving in that queue wakes one of them (appliance/lua/_lib.lua `wake`)."""
+        return f"{self.prefix}workers:idle:{service}"
+
+    @property
+    def idle_workers_prefix(self) -> str:
+        return f"{self.prefix}workers:idle:"
+
     # -- requirement classes (appliance/matching.py) --------------------------------------------------
     def pending_class(self, service: str, class_id: str) -> str:
         """Claim queue of one requirement class (jobs of `service` with the same requirements)."""

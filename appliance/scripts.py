@@ -6,6 +6,7 @@ loaded, so they share one set of helpers without a build step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -106,7 +107,8 @@ class Scripts:
                           keys.pending_service_prefix, keys.wake_prefix, str(settings.progress_maxlen),
                           str(settings.events_maxlen)]
         self._fixed_after_now = [settings.completed_ttl_s, settings.failed_ttl_s, keys.worker_prefix,
-                                 keys.WORKER_JOBS_SUFFIX, keys.WORKER_HEARTBEAT_SUFFIX]
+                                 keys.WORKER_JOBS_SUFFIX, keys.WORKER_HEARTBEAT_SUFFIX, keys.idle_workers_prefix,
+                                 keys.wake_worker_prefix]
 
     def _call(self, name: str, keys: list[str], args: list[Any], now_ms: int | None = None,
               client: Any = None) -> Any:
@@ -160,17 +162,27 @@ class Scripts:
         return keys, [job_id, service, priority, job_class.id, job_class.record(), *flat]
 
     def claim(self, worker_id: str, queues: list[str], count: int, lease_ms: int,
-              now_ms: int | None = None) -> ClaimResult:
+              now_ms: int | None = None, services: Sequence[str] = ()) -> ClaimResult:
         """Take up to `count` of the best jobs across `queues` (claim queue keys the worker can serve).
 
-        The result carries the requirement classes' version, so a worker learns of a new class from its
-        claims (and plans its queues again) without asking Redis separately."""
+        `services` are the worker's services: a claim that empties its queues makes it idle for those whose
+        own queue is among `queues`, so that the next job there wakes it (and only it). The result carries the
+        requirement classes' version, so a worker learns of a new class from its claims (and plans its queues
+        again) without asking Redis separately."""
         k = self.keys
+        marked = [("+" if k.pending_service(s) in queues else "-") + s for s in services]
         reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), k.classes_version, *queues],
-                           [worker_id, count, lease_ms], now_ms)
+                           [worker_id, count, lease_ms, *marked], now_ms)
         jobs = [Claimed(dict(zip(flat[::2], flat[1::2], strict=False))) for flat in reply[2:]]
         next_due = int(reply[0])
         return ClaimResult(jobs, None if next_due < 0 else next_due, int(reply[1]))
+
+    def leave_idle(self, worker_id: str, services: Sequence[str]) -> None:
+        """Take the worker out of its services' idle sets (it stops claiming), so no job's wake-up goes to it."""
+        pipe = self.client.pipeline(transaction=False)
+        for service in services:
+            pipe.srem(self.keys.idle_workers(service), worker_id)
+        pipe.execute()
 
     def _held_reply(self, reply: list[Any], job_id: str, worker_id: str) -> list[Any]:
         if reply[0] == "not_found":

@@ -163,6 +163,7 @@ class Worker:
                 job.context.stop("shutdown")
 
     def _drain(self) -> None:
+        self._guard(lambda: self.scripts.leave_idle(self.id, self.services), None)
         if self.running:
             log.info("draining: waiting up to %ds for %d running jobs", self.settings.drain_seconds,
                      len(self.running))
@@ -193,7 +194,8 @@ class Worker:
         claimed = 0
         for _ in range(2):  # once more at once if the claim reports a new requirement class
             wakes = self._wakes
-            result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms)
+            result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms,
+                                        self.services)
             self._backlog = len(result.jobs) == slots or self._wakes != wakes
             self._next_due_ms = result.next_due_ms
             for job in result.jobs:
@@ -417,7 +419,7 @@ class Worker:
             self._guard(self.heartbeat, None)
 
     def _listen_loop(self) -> None:
-        channels = [self.keys.wake(s) for s in self.services] + [self.keys.cancels]
+        channels = [self.keys.wake(s) for s in self.services] + [self.keys.wake_worker(self.id), self.keys.cancels]
         while True:
             pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
             try:

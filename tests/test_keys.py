@@ -52,6 +52,10 @@ EXPECTED = {
     "unworkable_prefix": ("jobs:unworkable:", None),
     "job_outputs": ("outputs:abc", ("abc",)),
     "fanout_wake": ("api:host:1:wake", ("host:1",)),
+    "wake_worker": ("jobs:wake-worker:w1", ("w1",)),
+    "wake_worker_prefix": ("jobs:wake-worker:", None),
+    "idle_workers": ("workers:idle:comfyui", ("comfyui",)),
+    "idle_workers_prefix": ("workers:idle:", None),
     "api_connections": ("api:connections", None),
 }
 

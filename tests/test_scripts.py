@@ -596,3 +596,75 @@ def test_a_cancel_requested_while_running_wins_over_a_retry_or_a_hand_back(queue
     assert client.hget(queue.keys.job("j1"), "status") == "cancelled"
     assert client.zrange(queue.keys.pending, 0, -1) == [] and claim_ids(queue, worker_id="w2") == []
     assert [f["event"] for _, f in client.xrange(queue.keys.progress("j1"))][-1] == "cancelled"
+
+
+# -- wake-ups: one idle worker per arriving job -------------------------------------------------------------------
+class Listener:
+    """Subscribed to some workers' wake channels (as each worker is), collecting who was woken."""
+
+    def __init__(self, client: redis.Redis, queue: Queue, worker_ids: list[str], services: tuple[str, ...] = ()):
+        self.pubsub = client.pubsub()
+        channels = [queue.keys.wake_worker(w) for w in worker_ids] + [queue.keys.wake(s) for s in services]
+        self.pubsub.subscribe(*channels)
+        for _ in channels:  # subscribed for sure before any job is submitted
+            assert self.pubsub.get_message(timeout=2)["type"] == "subscribe"
+
+    def woken(self) -> list[str]:
+        got = []
+        while (message := self.pubsub.get_message(timeout=0.2)) is not None:
+            got.append(message["channel"].rsplit(":", 1)[1])
+        return got
+
+
+def idle_claim(queue: Queue, worker_id: str, count: int = 4) -> list[str]:
+    """A worker's claim as the worker makes it (its services named, so an emptying claim makes it idle)."""
+    result = queue.scripts.claim(worker_id, [queue.keys.pending_service("sim")], count, LEASE_MS, T0, ("sim",))
+    return [job.id for job in result.jobs]
+
+
+def test_a_job_wakes_one_idle_worker_and_a_full_one_passes_the_wake_on(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    listener = Listener(client, queue, ["w1", "w2", "w3"])
+    assert idle_claim(queue, "w1") == [] and idle_claim(queue, "w2") == []
+    assert client.smembers(k.idle_workers("sim")) == {"w1", "w2"}
+    submit(queue, "j1")
+    first = listener.woken()
+    assert len(first) == 1 and first[0] in ("w1", "w2"), "one worker woken, not all"
+    submit(queue, "j2")
+    assert listener.woken() == [], "a queue that was not empty wakes nobody: whoever claims takes it"
+    assert idle_claim(queue, first[0], count=1) == ["j1"], "a worker with one free slot leaves j2 behind"
+    other = ({"w1", "w2"} - set(first)).pop()
+    assert listener.woken() == [other], "so it wakes another idle worker for it"
+    assert client.smembers(k.idle_workers("sim")) == set()
+    assert idle_claim(queue, other) == ["j2"]
+    assert client.smembers(k.idle_workers("sim")) == {other}, "emptied the queue with slots to spare: idle"
+
+
+def test_a_wake_skips_workers_that_stopped_listening(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    listener = Listener(client, queue, ["live"])
+    assert idle_claim(queue, "gone-1") == [] and idle_claim(queue, "gone-2") == []  # neither listens
+    submit(queue, "j1")
+    assert client.smembers(k.idle_workers("sim")) == set(), "both tried (and dropped): nobody heard"
+    assert idle_claim(queue, "live") == ["j1"]
+    assert client.smembers(k.idle_workers("sim")) == {"live"}
+    submit(queue, "j2")
+    assert listener.woken() == ["live"]
+
+
+def test_a_requirement_class_job_wakes_every_worker_of_its_service(queue: Queue, client: redis.Redis) -> None:
+    listener = Listener(client, queue, ["w1"], services=("simulation",))
+    queue.scripts.claim("w1", [queue.keys.pending_service("simulation")], 4, LEASE_MS, T0, ("simulation",))
+    queue.submit(JobSpec.parse({"service_required": "simulation", "requirements": {"gpu_memory_gb": 1}}))
+    assert listener.woken() == ["simulation"], "the service's channel, not one worker's"
+    assert client.smembers(queue.keys.idle_workers("simulation")) == {"w1"}
+
+
+def test_a_worker_that_cannot_read_a_service_queue_is_never_idle_for_it(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    assert idle_claim(queue, "w1") == []
+    queue.scripts.claim("w1", [], 4, LEASE_MS, T0, ("sim",))  # its plan left out sim's own queue
+    assert client.smembers(k.idle_workers("sim")) == set()
+    assert idle_claim(queue, "w1") == []
+    queue.scripts.leave_idle("w1", ["sim"])  # a draining worker
+    assert client.smembers(k.idle_workers("sim")) == set()

@@ -157,6 +157,23 @@ def test_bursts_and_trickles_need_no_polling(env_base: dict[str, str], client: r
                                "a single job")
 
 
+def test_two_jobs_at_once_wake_two_single_slot_workers(env_base: dict[str, str], client: redis.Redis,
+                                                       queue: Queue) -> None:
+    """Each job wakes one idle worker; the worker that can take only one passes the wake-up on. With a
+    one-minute poll interval, the second job runs at once only if that works."""
+    k = queue.keys
+    env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_MAX_CONCURRENT_JOBS": "1", **SIM_ENV}
+    with worker_process(env, client, "single-a") as a, worker_process(env, client, "single-b"):
+        wait_alive(a, lambda: client.smembers(k.idle_workers("simulation")) >= {"single-a", "single-b"}, 10,
+                   "both workers to go idle")
+        ids = [submit(queue, payload={"duration": 2000, "steps": 1}) for _ in range(2)]
+        wait_alive(a, lambda: all(client.hget(k.job(j), "status") == "in_progress" for j in ids), 5,
+                   "both jobs to run")
+        assert {client.hget(k.job(j), "worker_id") for j in ids} == {"single-a", "single-b"}
+        for job_id in ids:
+            queue.cancel(job_id)
+
+
 # -- running jobs through the simulation connector ------------------------------------------------------------------
 def test_simulation_progress_lands_in_the_stream(worker: Worker, queue: Queue, client: redis.Redis) -> None:
     payload = {"duration": 40, "steps": 4, "job": 7}

@@ -14,7 +14,8 @@
 -- ARGV[7] events stream MAXLEN (approximate)       ARGV[8] now (epoch ms)   ARGV[9] now (ISO 8601)
 -- ARGV[10] retention of completed and cancelled jobs (s)   ARGV[11] retention of failed jobs (s)
 -- ARGV[12] prefix of worker hashes ("worker:")   ARGV[13] suffix of a worker's job set (":jobs")
--- ARGV[14] suffix of a worker's heartbeat key (":heartbeat")
+-- ARGV[14] suffix of a worker's heartbeat key (":heartbeat")   ARGV[15] prefix of idle-worker sets
+-- ARGV[16] prefix of per-worker wake channels
 -- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
 -- appliance/keys.py like every other name.
 local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
@@ -24,7 +25,8 @@ local PROGRESS_MAXLEN, EVENTS_MAXLEN = ARGV[6], ARGV[7]
 local NOW_MS, NOW_ISO = tonumber(ARGV[8]), ARGV[9]
 local TTL_DONE, TTL_FAILED = tonumber(ARGV[10]), tonumber(ARGV[11])
 local P_WORKER, S_WORKER_JOBS, S_HEARTBEAT = ARGV[12], ARGV[13], ARGV[14]
-local FIRST_ARG, FIRST_KEY = 15, 8
+local P_IDLE, P_WAKE_WORKER = ARGV[15], ARGV[16]
+local FIRST_ARG, FIRST_KEY = 17, 8
 
 local ACTIVE = { assigned = true, in_progress = true }
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
@@ -48,12 +50,28 @@ local function set_status(job_id, old, new, seq, fields)
   redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO, unpack(fields or {}))
 end
 
+-- A job arrived in `queue` (of `service`): wake a worker. For the service's own queue, one idle worker
+-- (one whose last claim emptied this queue and left it free slots; see claim_job) is taken from the idle set
+-- and woken alone, so that a job wakes one process, not all; one no longer listening (PUBLISH reaches
+-- nobody) is skipped. Busy workers need no wake-up: they claim again as their jobs finish. A requirement
+-- class's queue wakes every worker of the service, since only some of them can serve it.
+local function wake(service, queue)
+  if queue ~= P_PENDING_SVC .. service then
+    redis.call('PUBLISH', P_WAKE .. service, service)
+    return
+  end
+  while true do
+    local worker_id = redis.call('SPOP', P_IDLE .. service)
+    if not worker_id or redis.call('PUBLISH', P_WAKE_WORKER .. worker_id, service) > 0 then return end
+  end
+end
+
 -- Put a job (back) in line at its own score (its priority and original place), in the global view and in
 -- its claim queue (the job's `queue` field: jobs:pending:{service}, or a queue for one requirement class).
 local function enqueue(job_id, service, queue, score)
   redis.call('ZADD', K_PENDING, score, job_id)
   redis.call('ZADD', queue, score, job_id)
-  redis.call('PUBLISH', P_WAKE .. service, job_id)
+  wake(service, queue)
 end
 
 -- Take a job out of every waiting line.

@@ -1,6 +1,6 @@
 -- cancel_job: cancel a job. A pending job ends at once; a running one is flagged and its worker is told.
 -- KEYS[8] job:{id}
--- ARGV[15] job id   ARGV[16] cancel channel (workers filter by worker id)   ARGV[17] reason
+-- ARGV[17] job id   ARGV[18] cancel channel (workers filter by worker id)   ARGV[19] reason
 -- Returns {"cancelled"} | {"cancelling", worker_id} | {"finished", status} | {"not_found"}.
 local job_key, job_id = KEYS[FIRST_KEY], ARGV[FIRST_ARG]
 local cancel_channel, reason = ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]

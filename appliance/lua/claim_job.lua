@@ -1,9 +1,13 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
 -- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds
 -- KEYS[9]   worker:{id}                worker hash (status, current job)
--- KEYS[10]  jobs:classes:version       counter bumped when a requirement class appears
+-- KEYS[10]  jobs:class-version         counter bumped when a requirement class appears or goes
 -- KEYS[11..] claim queues               every queue (service, requirement class) the worker can serve
--- ARGV[15] worker id   ARGV[16] how many jobs to take at most   ARGV[17] lease (ms)
+-- ARGV[17] worker id   ARGV[18] how many jobs to take at most   ARGV[19] lease (ms)
+-- ARGV[20..] the worker's services, each marked "+" if its own queue is among KEYS (the worker reads it) or
+-- "-" if not: a claim that empties the worker's queues puts it in the idle sets of its "+" services (a job
+-- arriving there wakes it, see wake in _lib); any other claim takes it out. A claim that took all it could and
+-- left jobs in a service's queue wakes another idle worker for them.
 -- Jobs whose lease expired are first recovered (see recover_expired), and due retries in jobs:delayed are
 -- put back in line at their own score. Only the heads of the
 -- worker's own queues are read: pending jobs it cannot serve cost nothing.
@@ -62,6 +66,20 @@ if #claimed > 0 and redis.call('EXISTS', worker_key) == 1 then
   end
   redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', redis.call('SCARD', worker_jobs_key),
     'last_status_change', NOW_ISO, 'current_job_id', current)
+end
+
+local drained = #claimed < want
+for i = FIRST_ARG + 3, #ARGV do
+  local service = string.sub(ARGV[i], 2)
+  if drained and string.sub(ARGV[i], 1, 1) == '+' then
+    redis.call('SADD', P_IDLE .. service, worker_id)
+  else
+    redis.call('SREM', P_IDLE .. service, worker_id)
+    local own = P_PENDING_SVC .. service
+    for q = FIRST_KEY + 3, #KEYS do
+      if not drained and heads[q] and KEYS[q] == own then wake(service, own) end
+    end
+  end
 end
 
 local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')

@@ -1,7 +1,7 @@
 -- complete_jobs: finish jobs of one worker with their results (each refused unless the worker still holds it).
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[15] worker id, then four per job: ARGV[16] job id  ARGV[17] attempt  ARGV[18] result (JSON)
--- ARGV[19] message, ARGV[20] the next job's id, ...
+-- ARGV[17] worker id, then four per job: ARGV[18] job id  ARGV[19] attempt  ARGV[20] result (JSON)
+-- ARGV[21] message, ARGV[22] the next job's id, ...
 -- A batch is one call: the worker's hash is updated once for all of them (jobs finishing together).
 -- Idempotent: completing again what this attempt already completed returns ok.
 -- Returns one code per job, in order: "ok", "not_found" or "lost".

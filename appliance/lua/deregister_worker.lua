@@ -1,6 +1,6 @@
 -- deregister_worker: remove a worker that stops cleanly (its held jobs were handed back before).
 -- KEYS[8] worker:{id}   KEYS[9] worker:{id}:heartbeat   KEYS[10] workers:active   KEYS[11] worker:{id}:jobs
--- ARGV[15] worker id
+-- ARGV[17] worker id
 -- Returns {"ok", jobs still held} (0 after a clean drain).
 local worker_id = ARGV[FIRST_ARG]
 local left = redis.call('SCARD', KEYS[FIRST_KEY + 3])

@@ -1,8 +1,8 @@
 -- fail_job: record a failed attempt; retry it later (keeping its priority and place) or end it.
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] error message
--- ARGV[19] 1 if the failure may be retried, else 0   ARGV[20] retry delay (ms, backoff with jitter)
--- ARGV[21] terminal status if it ends: failed, timeout, cancelled
+-- ARGV[17] job id  ARGV[18] worker id  ARGV[19] attempt  ARGV[20] error message
+-- ARGV[21] 1 if the failure may be retried, else 0   ARGV[22] retry delay (ms, backoff with jitter)
+-- ARGV[23] terminal status if it ends: failed, timeout, cancelled
 -- A retry happens while retry_count < max_retries; it counts one retry and records last_failed_worker.
 -- A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"retrying", retry_count, due_ms} or {"ended", status} or {"not_found"} / {"lost"}.

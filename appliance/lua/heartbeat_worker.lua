@@ -1,6 +1,6 @@
 -- heartbeat_worker: refresh a worker's heartbeat and telemetry, and renew the leases of the jobs it runs.
 -- KEYS[8] worker:{id}   KEYS[9] worker:{id}:heartbeat   KEYS[10] workers:active   KEYS[11] worker:{id}:jobs
--- ARGV[15] worker id   ARGV[16] heartbeat TTL (s)   ARGV[17] lease (ms)   ARGV[18] n, the number of jobs
+-- ARGV[17] worker id   ARGV[18] heartbeat TTL (s)   ARGV[19] lease (ms)   ARGV[20] n, the number of jobs
 -- ARGV[19 .. 18+2n] job id, attempt pairs: the jobs this process is running
 -- ARGV[19+2n ..] field, value pairs for the worker hash
 -- A job this worker no longer holds (its lease expired and it was recovered) is reported back as lost, so

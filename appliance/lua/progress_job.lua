@@ -1,7 +1,7 @@
 -- progress_job: record one progress step of a running job (refused unless the caller still holds it).
 -- KEYS[8] worker:{id}:jobs
--- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] percent (0..100)  ARGV[19] message
--- ARGV[20] current step  ARGV[21] total steps
+-- ARGV[17] job id  ARGV[18] worker id  ARGV[19] attempt  ARGV[20] percent (0..100)  ARGV[21] message
+-- ARGV[22] current step  ARGV[23] total steps
 -- The first step moves the job from assigned to in_progress (with its own "in_progress" event).
 -- Returns {"ok", stream entry id} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]

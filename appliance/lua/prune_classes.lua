@@ -1,9 +1,9 @@
 -- prune_classes: forget requirement classes nobody submitted to for a while and whose jobs are all gone, so
 -- that classes (one per requirements and customer) do not pile up and slow every worker's claims.
 -- KEYS[8] jobs:class-used   KEYS[9] jobs:class-version
--- ARGV[15] idle time (ms) after the last submit   ARGV[16] most classes to look at in this call
--- ARGV[17] prefix of class records ("jobs:class:")   ARGV[18] prefix of a service's class set ("jobs:classes:")
--- ARGV[19] prefix of a class's unworkable jobs ("jobs:unworkable:")
+-- ARGV[17] idle time (ms) after the last submit   ARGV[18] most classes to look at in this call
+-- ARGV[19] prefix of class records ("jobs:class:")   ARGV[20] prefix of a service's class set ("jobs:classes:")
+-- ARGV[21] prefix of a class's unworkable jobs ("jobs:unworkable:")
 -- A class with jobs still waiting (in its queue, or unworkable) is kept, and looked at again after another
 -- idle time. A later submit records the class again (submit_job), so forgetting one never strands a job.
 -- Returns how many classes were forgotten (the version is bumped once if any were).

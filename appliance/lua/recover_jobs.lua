@@ -1,7 +1,7 @@
 -- recover_jobs: put back the jobs of workers whose lease expired, and retire workers whose heartbeat
 -- expired (run by every worker's heartbeat loop and by every API process; whoever comes first does it).
 -- KEYS[8] workers:active
--- ARGV[15] most expired leases to handle in this call
+-- ARGV[17] most expired leases to handle in this call
 -- Returns {jobs recovered, dead worker ids...}.
 local recovered = recover_expired(tonumber(ARGV[FIRST_ARG]))
 local result = { recovered }

@@ -1,6 +1,6 @@
 -- register_worker: record a worker and its capabilities, mark it active and start its heartbeat.
 -- KEYS[8] worker:{id}   KEYS[9] worker:{id}:heartbeat   KEYS[10] workers:active   KEYS[11] worker:{id}:jobs
--- ARGV[15] worker id   ARGV[16] heartbeat TTL (s)   ARGV[17..] field, value pairs for the worker hash
+-- ARGV[17] worker id   ARGV[18] heartbeat TTL (s)   ARGV[19..] field, value pairs for the worker hash
 -- Jobs still held under this worker id belong to an earlier process with the same id that died (a
 -- restarted worker): they are recovered at once, counting a retry, instead of waiting for their lease.
 -- Returns {"ok", jobs recovered}.

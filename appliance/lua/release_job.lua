@@ -1,7 +1,7 @@
 -- release_job: hand a held job back to the queue at its priority and place, without counting a retry
 -- (a worker draining on shutdown).
 -- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[15] job id  ARGV[16] worker id  ARGV[17] attempt  ARGV[18] reason
+-- ARGV[17] job id  ARGV[18] worker id  ARGV[19] attempt  ARGV[20] reason
 -- A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"ok"}, {"cancelled"} or {"not_found"} / {"lost"}.
 local job_id, worker_id, attempt, reason = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2],

@@ -9,9 +9,9 @@
 -- KEYS[14] jobs:classes:{service}     set of the service's class ids
 -- KEYS[15] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
 -- KEYS[16] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
--- ARGV[15] job id   ARGV[16] service   ARGV[17] priority (integer 0..1000000)
--- ARGV[18] class id ('' for the service's own queue)   ARGV[19] class JSON ('' without a class)
--- ARGV[20..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- ARGV[17] job id   ARGV[18] service   ARGV[19] priority (integer 0..1000000)
+-- ARGV[20] class id ('' for the service's own queue)   ARGV[21] class JSON ('' without a class)
+-- ARGV[22..] field, value pairs for the job hash (payload, requirements, ... already encoded)
 -- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
 -- (the largest score, about 8.6e15, stays below 2^53).
 -- Returns {"ok", seq} or {"exists"}.
@@ -42,10 +42,10 @@ redis.call('SADD', KEYS[FIRST_KEY + 4], service)
 redis.call('HINCRBY', K_STATS, 'submitted', 1)
 emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
   'priority', priority, 'progress', 0 })
--- Wake idle workers only when the claim queue goes from empty to one job: a worker sleeps only after a
--- claim that left its queues empty, so later jobs in a non-empty queue need no wake-up.
+-- Wake a worker only when the claim queue goes from empty to one job: a worker sleeps only after a claim
+-- that left its queues empty, and one that leaves jobs behind wakes the next (claim_job).
 redis.call('ZADD', K_PENDING, score, job_id)
 if redis.call('ZADD', KEYS[FIRST_KEY + 1], score, job_id) == 1 and redis.call('ZCARD', KEYS[FIRST_KEY + 1]) == 1 then
-  redis.call('PUBLISH', P_WAKE .. service, job_id)
+  wake(service, KEYS[FIRST_KEY + 1])
 end
 return { 'ok', seq }
