@@ -117,6 +117,7 @@ class Worker:
             "services": ",".join(self.services),
             "connectors": ",".join(self.connectors),
             "max_concurrent_jobs": str(self.settings.max_concurrent_jobs),
+            "lease_ms": str(self.settings.queue.lease_ms),  # the lease of a job handed to it at submit
             "pid": str(os.getpid()),
             "hostname": socket.gethostname(),
             "version": __version__,
@@ -428,12 +429,15 @@ class Worker:
                 # Read the subscribed connection directly: PubSub.listen's per-message machinery costs more
                 # than the message (wake-ups arrive every few jobs under load).
                 connection = pubsub.connection
+                own = self.keys.wake_worker(self.id)
                 while True:
                     kind, channel, data = connection.read_response()
                     if kind != "message":
                         continue
                     if channel == self.keys.cancels:
                         self._on_cancel(data)
+                    elif channel == own and data.startswith("["):
+                        self._handed(data)
                     else:
                         self._woken()
             except redis.RedisError as exc:
@@ -447,6 +451,24 @@ class Worker:
         self._wakes += 1
         self._backlog = True
         self._wake.set()
+
+    def _handed(self, data: str) -> None:
+        """A job handed to this idle worker at submit (already assigned to it, see `wake` in _lib.lua): run it,
+        or give it back if its slot has gone meanwhile (a claim raced it) or the worker is draining."""
+        flat = orjson.loads(data)
+        claimed = Claimed(dict(zip(flat[::2], flat[1::2], strict=False)))
+        if self.draining or self.free_slots() == 0:
+            gevent.spawn(self._give_back, claimed)
+        else:
+            self._start(claimed)
+        self._woken()  # claim again: what else waits, or back into the idle set
+
+    def _give_back(self, claimed: Claimed) -> None:
+        try:
+            self._persist(lambda: self.scripts.release(claimed.id, self.id, claimed.attempt, "worker has no free slot"))
+            log.info("job handed back id=%s: no free slot", claimed.id)
+        except (JobLost, JobNotFound) as exc:
+            log.warning("job hand-back refused id=%s: %s", claimed.id, exc)
 
     def _on_cancel(self, data: str) -> None:
         try:

@@ -104,11 +104,14 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
 
     `observed_ms`: from just before the submit call until this client reads the job's `assigned` entry with
     XREAD BLOCK on its progress stream (sent right after submit returns): an upper bound that includes one
-    delivery to this client. `recorded_ms`: the claim script's clock minus the submit script's (both in
-    whole milliseconds on this host's clock), read from the job's stream entries.
+    delivery to this client. The claim is made by the submit script itself when it hands the job to an idle
+    worker, so `completed_ms` (until this client reads the `completed` entry the no-op job's worker wrote)
+    shows when the worker really had it. `recorded_ms`: the claim's clock minus the submit's (both in whole
+    milliseconds on this host's clock), read from the job's stream entries.
     """
     client = queue.client
     observed: list[float] = []
+    completed: list[float] = []
     recorded: list[float] = []
     submit_calls: list[float] = []
     for n in range(samples + 20):
@@ -118,20 +121,23 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         started = time.perf_counter()
         queue.submit(spec)
         returned = time.perf_counter()
-        last_id, assigned = "0", None
-        while assigned is None:
+        last_id, assigned, seen, done = "0", None, 0.0, False
+        while not done:
             reply = client.xread({stream: last_id}, count=10, block=2000)
             if not reply:
-                raise RuntimeError(f"job {spec.id} was not claimed within 2 s; are the noop workers up?")
+                raise RuntimeError(f"job {spec.id} was not claimed and completed within 2 s; are the noop "
+                                   "workers up?")
             for entry_id, fields in reply[0][1]:
                 last_id = entry_id
                 if fields.get("event") == "submitted":
                     submitted_ms = iso_ms(fields["updated_at"])
                 if fields.get("event") == "assigned":
-                    assigned = fields
-        seen = time.perf_counter()
-        if n >= 20:  # the first ones warm up connections and scripts
+                    assigned, seen = fields, time.perf_counter()
+                done = done or fields.get("event") == "completed"
+        finished = time.perf_counter()
+        if n >= 20 and assigned is not None:  # the first ones warm up connections and scripts
             observed.append((seen - started) * 1000)
+            completed.append((finished - started) * 1000)
             submit_calls.append((returned - started) * 1000)
             recorded.append(iso_ms(assigned["updated_at"]) - submitted_ms)
     pings = []
@@ -139,7 +145,8 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         started = time.perf_counter()
         client.ping()
         pings.append((time.perf_counter() - started) * 1000)
-    return {"samples": samples, "observed_ms": _summary(observed), "recorded_ms": _summary(recorded),
+    return {"samples": samples, "observed_ms": _summary(observed), "completed_ms": _summary(completed),
+            "recorded_ms": _summary(recorded),
             "submit_call_ms": _summary(submit_calls),
             "ping_ms": _summary(pings)}
 

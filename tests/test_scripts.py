@@ -7,6 +7,7 @@ import multiprocessing
 import random
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -610,9 +611,12 @@ class Listener:
             assert self.pubsub.get_message(timeout=2)["type"] == "subscribe"
 
     def woken(self) -> list[str]:
+        return [channel.rsplit(":", 1)[1] for channel, _ in self.messages()]
+
+    def messages(self) -> list[tuple[str, str]]:
         got = []
         while (message := self.pubsub.get_message(timeout=0.2)) is not None:
-            got.append(message["channel"].rsplit(":", 1)[1])
+            got.append((message["channel"], message["data"]))
         return got
 
 
@@ -668,3 +672,25 @@ def test_a_worker_that_cannot_read_a_service_queue_is_never_idle_for_it(queue: Q
     assert idle_claim(queue, "w1") == []
     queue.scripts.leave_idle("w1", ["sim"])  # a draining worker
     assert client.smembers(k.idle_workers("sim")) == set()
+
+
+def test_a_job_into_an_empty_queue_is_handed_to_the_idle_worker_it_wakes(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    queue.scripts.register_worker("w1", 30, {"lease_ms": "5000"}, now_ms=T0)
+    listener = Listener(client, queue, ["w1"])
+    assert idle_claim(queue, "w1") == []
+    submit(queue, "j1")
+    [(channel, data)] = listener.messages()
+    flat = orjson.loads(data)
+    handed = dict(zip(flat[::2], flat[1::2], strict=True))
+    assert (channel, handed["id"], handed["status"], handed["worker_id"], handed["attempt"]) == \
+        (k.wake_worker("w1"), "j1", "assigned", "w1", "1"), "the wake-up carries the job, taken for w1"
+    assert client.hgetall(k.job("j1")) == handed
+    assert client.zscore(k.leases, "j1") == T0 + 5000, "under the worker's own lease"
+    assert client.smembers(k.worker_jobs("w1")) == {"j1"} and client.zcard(k.pending) == 0
+    assert client.hget(k.worker("w1"), "status") == "busy"
+    assert [f["event"] for _, f in client.xrange(k.progress("j1"))] == ["submitted", "assigned"]
+    assert client.smembers(k.idle_workers("sim")) == set(), "out of the idle set until it claims again"
+    submit(queue, "j2")
+    assert listener.messages() == [], "nobody idle: j2 waits for a claim"
+    assert idle_claim(queue, "w1") == ["j2"]

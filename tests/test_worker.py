@@ -174,6 +174,35 @@ def test_two_jobs_at_once_wake_two_single_slot_workers(env_base: dict[str, str],
             queue.cancel(job_id)
 
 
+def test_a_job_handed_over_without_a_free_slot_is_given_back(client: redis.Redis, settings: QueueSettings,
+                                                              queue: Queue) -> None:
+    """A claim can fill the last slot while a hand-off is on its way: the worker gives that job back."""
+    k = queue.keys
+    w = make_worker(client, settings, max_concurrent=1)
+    w.register()
+    busy = submit(queue, payload={"duration": 10_000, "steps": 1})
+    assert w.run_once() == 1 and w.free_slots() == 0
+    pubsub = client.pubsub()
+    pubsub.subscribe(k.wake_worker("w1"))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    client.sadd(k.idle_workers("simulation"), "w1")  # as if its last claim had left a slot free
+    handed = submit(queue, payload={"duration": 10, "steps": 1})
+    message = pubsub.get_message(timeout=2)
+    assert message is not None and client.hget(k.job(handed), "worker_id") == "w1"
+    w._handed(message["data"])
+    deadline = time.monotonic() + 5
+    while client.hget(k.job(handed), "status") != "pending":
+        assert time.monotonic() < deadline, "the job was not given back"
+        gevent.sleep(0.01)
+    assert handed not in w.running and busy in w.running
+    assert client.smembers(k.worker_jobs("w1")) == {busy}
+    assert client.hget(k.job(handed), "retry_count") == "0", "a hand-back is not a failure"
+    pubsub.close()
+    for job in list(w.running.values()):
+        job.context.stop("shutdown")
+    wait_idle(w)
+
+
 # -- running jobs through the simulation connector ------------------------------------------------------------------
 def test_simulation_progress_lands_in_the_stream(worker: Worker, queue: Queue, client: redis.Redis) -> None:
     payload = {"duration": 40, "steps": 4, "job": 7}

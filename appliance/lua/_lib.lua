@@ -50,19 +50,61 @@ local function set_status(job_id, old, new, seq, fields)
   redis.call('HSET', P_JOB .. job_id, 'status', new, 'updated_at', NOW_ISO, unpack(fields or {}))
 end
 
--- A job arrived in `queue` (of `service`): wake a worker. For the service's own queue, one idle worker
--- (one whose last claim emptied this queue and left it free slots; see claim_job) is taken from the idle set
--- and woken alone, so that a job wakes one process, not all; one no longer listening (PUBLISH reaches
--- nobody) is skipped. Busy workers need no wake-up: they claim again as their jobs finish. A requirement
--- class's queue wakes every worker of the service, since only some of them can serve it.
-local function wake(service, queue)
+-- Give a pending job to a worker: out of line, assigned, held under a lease; returns its fields (HGETALL's
+-- list), or nil if it was no longer pending (a stale entry in the queue).
+local function take(job_id, queue, worker_id, lease_ms)
+  redis.call('ZREM', queue, job_id)
+  redis.call('ZREM', K_PENDING, job_id)
+  local job_key = P_JOB .. job_id
+  local job = redis.call('HMGET', job_key, 'status', 'seq', 'attempt')
+  if job[1] ~= 'pending' then return nil end
+  local attempt = (tonumber(job[3]) or 0) + 1
+  set_status(job_id, 'pending', 'assigned', job[2], { 'attempt', attempt, 'worker_id', worker_id,
+    'assigned_at', NOW_ISO, 'progress', 0, 'message', '', 'retry_at', '' })
+  redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
+  redis.call('SADD', P_WORKER .. worker_id .. S_WORKER_JOBS, job_id)
+  emit(job_id, { 'event', 'assigned', 'status', 'assigned', 'worker_id', worker_id, 'attempt', attempt,
+    'progress', 0 })
+  return redis.call('HGETALL', job_key)
+end
+
+-- Record on a (registered) worker's hash that it is busy, with `job_id` as its latest job.
+local function busy(worker_id, job_id)
+  local worker_key = P_WORKER .. worker_id
+  if redis.call('EXISTS', worker_key) == 1 then
+    redis.call('HSET', worker_key, 'status', 'busy',
+      'current_jobs', redis.call('SCARD', worker_key .. S_WORKER_JOBS), 'last_status_change', NOW_ISO,
+      'current_job_id', job_id)
+  end
+end
+
+-- A job arrived in `queue` (of `service`): wake a worker. For the service's own queue, one idle worker (one
+-- whose last claim emptied this queue and left it free slots; see claim_job) is taken from the idle set and
+-- woken alone, so that a job wakes one process, not all; one no longer listening is skipped. Given `job_id`
+-- (the job that made the queue non-empty), the job is handed to that worker at once: taken for it here and
+-- sent with the wake-up (JSON of its fields), which saves the worker a claim. Busy workers need no wake-up:
+-- they claim again as their jobs finish. A requirement class's queue wakes every worker of the service,
+-- since only some of them can serve it.
+local function wake(service, queue, job_id)
   if queue ~= P_PENDING_SVC .. service then
     redis.call('PUBLISH', P_WAKE .. service, service)
     return
   end
   while true do
     local worker_id = redis.call('SPOP', P_IDLE .. service)
-    if not worker_id or redis.call('PUBLISH', P_WAKE_WORKER .. worker_id, service) > 0 then return end
+    if not worker_id then return end
+    local channel = P_WAKE_WORKER .. worker_id
+    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 then
+      local lease_ms = job_id and tonumber(redis.call('HGET', P_WORKER .. worker_id, 'lease_ms'))
+      local fields = lease_ms and take(job_id, queue, worker_id, lease_ms)
+      if fields then
+        busy(worker_id, job_id)
+        redis.call('PUBLISH', channel, cjson.encode(fields))
+      else
+        redis.call('PUBLISH', channel, service)
+      end
+      return
+    end
   end
 end
 

@@ -1,6 +1,6 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
--- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds
--- KEYS[9]   worker:{id}                worker hash (status, current job)
+-- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds   } both written through take and busy
+-- KEYS[9]   worker:{id}                worker hash (status, current job) } (_lib), which name them by prefix
 -- KEYS[10]  jobs:class-version         counter bumped when a requirement class appears or goes
 -- KEYS[11..] claim queues               every queue (service, requirement class) the worker can serve
 -- ARGV[17] worker id   ARGV[18] how many jobs to take at most   ARGV[19] lease (ms)
@@ -13,7 +13,6 @@
 -- worker's own queues are read: pending jobs it cannot serve cost nothing.
 -- Returns {next_due_ms or -1, classes version, job1_fields, job2_fields, ...} where each jobN_fields is
 -- HGETALL's list.
-local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
 
 recover_expired(20)
@@ -33,7 +32,7 @@ local function read_head(i)
 end
 for i = FIRST_KEY + 3, #KEYS do read_head(i) end
 
-local claimed = {}
+local claimed, last_id = {}, nil
 while #claimed < want do
   local best = nil
   for i = FIRST_KEY + 3, #KEYS do
@@ -41,32 +40,14 @@ while #claimed < want do
   end
   if best == nil then break end
   local best_id = heads[best][1]
-  redis.call('ZREM', KEYS[best], best_id)
+  local fields = take(best_id, KEYS[best], worker_id, lease_ms)
   read_head(best)
-  redis.call('ZREM', K_PENDING, best_id)
-  local job_key = P_JOB .. best_id
-  local job = redis.call('HMGET', job_key, 'status', 'seq', 'attempt')
-  if job[1] == 'pending' then
-    local attempt = (tonumber(job[3]) or 0) + 1
-    set_status(best_id, 'pending', 'assigned', job[2], { 'attempt', attempt, 'worker_id', worker_id,
-      'assigned_at', NOW_ISO, 'progress', 0, 'message', '', 'retry_at', '' })
-    redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, best_id)
-    redis.call('SADD', worker_jobs_key, best_id)
-    emit(best_id, { 'event', 'assigned', 'status', 'assigned', 'worker_id', worker_id,
-      'attempt', attempt, 'progress', 0 })
-    claimed[#claimed + 1] = redis.call('HGETALL', job_key)
+  if fields then
+    claimed[#claimed + 1] = fields
+    last_id = best_id
   end
 end
-
-if #claimed > 0 and redis.call('EXISTS', worker_key) == 1 then
-  local last = claimed[#claimed]
-  local current = ''
-  for i = 1, #last, 2 do
-    if last[i] == 'id' then current = last[i + 1] end
-  end
-  redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', redis.call('SCARD', worker_jobs_key),
-    'last_status_change', NOW_ISO, 'current_job_id', current)
-end
+if last_id then busy(worker_id, last_id) end
 
 local drained = #claimed < want
 for i = FIRST_ARG + 3, #ARGV do

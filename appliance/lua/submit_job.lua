@@ -42,10 +42,11 @@ redis.call('SADD', KEYS[FIRST_KEY + 4], service)
 redis.call('HINCRBY', K_STATS, 'submitted', 1)
 emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
   'priority', priority, 'progress', 0 })
--- Wake a worker only when the claim queue goes from empty to one job: a worker sleeps only after a claim
--- that left its queues empty, and one that leaves jobs behind wakes the next (claim_job).
+-- Wake a worker only when the claim queue goes from empty to this one job (which an idle worker is then handed
+-- at once): a worker sleeps only after a claim that left its queues empty, and one that leaves jobs behind
+-- wakes the next (claim_job).
 redis.call('ZADD', K_PENDING, score, job_id)
 if redis.call('ZADD', KEYS[FIRST_KEY + 1], score, job_id) == 1 and redis.call('ZCARD', KEYS[FIRST_KEY + 1]) == 1 then
-  wake(service, KEYS[FIRST_KEY + 1])
+  wake(service, KEYS[FIRST_KEY + 1], job_id)
 end
 return { 'ok', seq }
