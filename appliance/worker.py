@@ -81,6 +81,7 @@ class Worker:
         self._backlog = True  # the worker's queues may hold jobs (False after a claim that emptied them)
         self._wakes = 0  # wake-up messages received
         self._greenlets: list[gevent.Greenlet] = []
+        self._giving_back: list[gevent.Greenlet] = []
         self._completions: list[tuple[Completion, gevent.event.AsyncResult]] = []
         self._completions_ready = gevent.event.Event()
         self._reporter: gevent.Greenlet | None = None
@@ -141,7 +142,7 @@ class Worker:
         try:
             while not self.draining:
                 self._guard(self.run_once, 0)
-                if not self._backlog or self.free_slots() == 0:
+                if not self._backlog or self.free_slots() == 0 or not self.services:
                     self._wait_for_work()
             self._drain()
         finally:
@@ -179,6 +180,7 @@ class Worker:
         for job in list(self.running.values()):
             if job.greenlet is not None:
                 job.greenlet.join(STOP_GRACE_S + 2)
+        gevent.joinall(self._giving_back, timeout=STOP_GRACE_S)
 
     # -- claiming -------------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -199,13 +201,19 @@ class Worker:
                                         self.services)
             self._backlog = len(result.jobs) == slots or self._wakes != wakes
             self._next_due_ms = result.next_due_ms
-            for job in result.jobs:
-                self._start(job)
+            self._start_claimed(result.jobs)
             claimed += len(result.jobs)
             slots = self.free_slots()
             if not self.planner.observe(result.classes_version) or slots == 0:
                 break
         return claimed
+
+    def _start_claimed(self, jobs: list[Claimed]) -> None:
+        for job in jobs:
+            if self.free_slots() > 0:
+                self._start(job)
+            else:  # a job handed over while the claim was on its way took the slot
+                self._give_back(job, "its slot was taken meanwhile")
 
     def claim_queues(self) -> list[str]:
         """The claim queues this worker can serve now: its healthy services' queues and the requirement
@@ -215,7 +223,7 @@ class Worker:
 
     def _wait_for_work(self) -> None:
         timeout_s = self.settings.poll_interval_ms / 1000
-        if self._next_due_ms is not None:
+        if self._next_due_ms is not None and self.free_slots() > 0:  # a due retry matters with a slot for it
             timeout_s = max(0.0, min(timeout_s, (self._next_due_ms - clock.now_ms()) / 1000))
         self._wake.wait(timeout_s)
         self._wake.clear()
@@ -425,26 +433,34 @@ class Worker:
             pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)
-                self._woken()  # anything submitted while we were not listening
                 # Read the subscribed connection directly: PubSub.listen's per-message machinery costs more
                 # than the message (wake-ups arrive every few jobs under load).
                 connection = pubsub.connection
+                for _ in channels:  # subscribed for sure before the claim below can make this worker idle
+                    connection.read_response()
+                self._woken()  # anything submitted while we were not listening
                 own = self.keys.wake_worker(self.id)
                 while True:
                     kind, channel, data = connection.read_response()
-                    if kind != "message":
-                        continue
-                    if channel == self.keys.cancels:
-                        self._on_cancel(data)
-                    elif channel == own and data.startswith("["):
-                        self._handed(data)
-                    else:
-                        self._woken()
+                    if kind == "message":
+                        self._on_message(channel, data, own)
             except redis.RedisError as exc:
                 log.warning("wake-up listener lost Redis (%s); retrying in 1s", exc)
                 gevent.sleep(1)
             finally:
                 pubsub.close()
+
+    def _on_message(self, channel: str, data: str, own: str) -> None:
+        try:
+            if channel == self.keys.cancels:
+                self._on_cancel(data)
+            elif channel == own and data.startswith("["):
+                self._handed(data)
+            else:
+                self._woken()
+        except Exception:  # one bad message must not end the listener
+            log.exception("wake-up or cancel message not understood on %s: %.200s", channel, data)
+            self._woken()
 
     def _woken(self) -> None:
         """A job arrived in an empty claim queue of ours: claim again."""
@@ -457,18 +473,29 @@ class Worker:
         or give it back if its slot has gone meanwhile (a claim raced it) or the worker is draining."""
         flat = orjson.loads(data)
         claimed = Claimed(dict(zip(flat[::2], flat[1::2], strict=False)))
-        if self.draining or self.free_slots() == 0:
-            gevent.spawn(self._give_back, claimed)
+        connector = self.by_service.get(claimed.fields.get("service_required", ""))
+        if self.draining:
+            self._give_back(claimed, "the worker is stopping")
+        elif self.free_slots() == 0:
+            self._give_back(claimed, "its slot was taken meanwhile")
+        elif connector is None or not connector.healthy():
+            self._give_back(claimed, "its service is not available on this worker now")
         else:
             self._start(claimed)
         self._woken()  # claim again: what else waits, or back into the idle set
 
-    def _give_back(self, claimed: Claimed) -> None:
-        try:
-            self._persist(lambda: self.scripts.release(claimed.id, self.id, claimed.attempt, "worker has no free slot"))
-            log.info("job handed back id=%s: no free slot", claimed.id)
-        except (JobLost, JobNotFound) as exc:
-            log.warning("job hand-back refused id=%s: %s", claimed.id, exc)
+    def _give_back(self, claimed: Claimed, why: str) -> None:
+        """Put a job this worker was given but will not run back in line (no retry counted), in the
+        background; `_drain` waits for these before the worker deregisters."""
+        def release() -> None:
+            try:
+                self._persist(lambda: self.scripts.release(claimed.id, self.id, claimed.attempt,
+                                                           f"handed back: {why}"))
+                log.info("job handed back id=%s: %s", claimed.id, why)
+            except (JobLost, JobNotFound) as exc:
+                log.warning("job hand-back refused id=%s: %s", claimed.id, exc)
+
+        self._giving_back = [g for g in self._giving_back if not g.dead] + [gevent.spawn(release)]
 
     def _on_cancel(self, data: str) -> None:
         try:

@@ -147,7 +147,13 @@ def test_idle_empty_classes_are_forgotten_and_come_back_with_their_next_job(queu
     version = int(client.get(k.classes_version))
     later = clock.now_ms() + 5_000
     assert queue.scripts.prune_classes(idle_ms=10_000, now_ms=later) == 0, "not idle long enough"
-    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later) == 1
+    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later) == 0, "kept: its job runs (it may come back)"
+    assert queue.scripts.fail(gone, "w", "1", "boom", retryable=True, delay_ms=60_000).retrying
+    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later + 5_000) == 0, "kept: its job awaits a retry"
+    client.zadd(k.delayed, {gone: 0})  # the retry is due
+    assert claim(queue, "w", worker) == [gone], "back in its class's queue, which workers still read"
+    queue.scripts.complete(gone, "w", "2", {})
+    assert queue.scripts.prune_classes(idle_ms=1_000, now_ms=later + 10_000) == 1
     assert client.smembers(k.requirement_classes("simulation")) == {waiting_class}
     assert not client.exists(k.requirement_class(gone_class))
     assert client.zrange(k.classes_used, 0, -1) == [waiting_class]

@@ -620,6 +620,12 @@ class Listener:
         return got
 
 
+def register_workers(queue: Queue, *worker_ids: str, **fields: str) -> None:
+    """Registered workers with 4 slots (a heartbeat, a hash), waking plainly unless given a lease_ms."""
+    for worker_id in worker_ids:
+        queue.scripts.register_worker(worker_id, 30, {"max_concurrent_jobs": "4", **fields}, now_ms=T0)
+
+
 def idle_claim(queue: Queue, worker_id: str, count: int = 4) -> list[str]:
     """A worker's claim as the worker makes it (its services named, so an emptying claim makes it idle)."""
     result = queue.scripts.claim(worker_id, [queue.keys.pending_service("sim")], count, LEASE_MS, T0, ("sim",))
@@ -628,6 +634,7 @@ def idle_claim(queue: Queue, worker_id: str, count: int = 4) -> list[str]:
 
 def test_a_job_wakes_one_idle_worker_and_a_full_one_passes_the_wake_on(queue: Queue, client: redis.Redis) -> None:
     k = queue.keys
+    register_workers(queue, "w1", "w2")
     listener = Listener(client, queue, ["w1", "w2", "w3"])
     assert idle_claim(queue, "w1") == [] and idle_claim(queue, "w2") == []
     assert client.smembers(k.idle_workers("sim")) == {"w1", "w2"}
@@ -646,6 +653,7 @@ def test_a_job_wakes_one_idle_worker_and_a_full_one_passes_the_wake_on(queue: Qu
 
 def test_a_wake_skips_workers_that_stopped_listening(queue: Queue, client: redis.Redis) -> None:
     k = queue.keys
+    register_workers(queue, "live", "gone-1", "gone-2")
     listener = Listener(client, queue, ["live"])
     assert idle_claim(queue, "gone-1") == [] and idle_claim(queue, "gone-2") == []  # neither listens
     submit(queue, "j1")
@@ -676,7 +684,7 @@ def test_a_worker_that_cannot_read_a_service_queue_is_never_idle_for_it(queue: Q
 
 def test_a_job_into_an_empty_queue_is_handed_to_the_idle_worker_it_wakes(queue: Queue, client: redis.Redis) -> None:
     k = queue.keys
-    queue.scripts.register_worker("w1", 30, {"lease_ms": "5000"}, now_ms=T0)
+    register_workers(queue, "w1", lease_ms="5000")
     listener = Listener(client, queue, ["w1"])
     assert idle_claim(queue, "w1") == []
     submit(queue, "j1")
@@ -694,3 +702,17 @@ def test_a_job_into_an_empty_queue_is_handed_to_the_idle_worker_it_wakes(queue: 
     submit(queue, "j2")
     assert listener.messages() == [], "nobody idle: j2 waits for a claim"
     assert idle_claim(queue, "w1") == ["j2"]
+
+
+def test_a_wake_skips_workers_without_a_heartbeat_or_a_free_slot(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
+    register_workers(queue, "silent", "full", "ok")
+    client.delete(k.worker_heartbeat("silent"))  # its process died; its heartbeat ran out
+    client.hset(k.worker("full"), "max_concurrent_jobs", "1")
+    client.sadd(k.worker_jobs("full"), "some-job")  # a hand-off filled it after its claim
+    listener = Listener(client, queue, ["silent", "full"])
+    for worker_id in ("silent", "full"):
+        client.sadd(k.idle_workers("sim"), worker_id)
+    submit(queue, "j1")
+    assert listener.woken() == [] and client.smembers(k.idle_workers("sim")) == set(), "both dropped"
+    assert idle_claim(queue, "ok", count=1) == ["j1"]

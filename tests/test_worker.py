@@ -14,6 +14,7 @@ import redis
 from appliance import clock
 from appliance.connector import Connector, JobContext
 from appliance.jobs import JobSpec
+from appliance.keys import Keys
 from appliance.queue import Queue
 from appliance.settings import QueueSettings, WorkerSettings
 from appliance.worker import Worker
@@ -157,9 +158,9 @@ def test_bursts_and_trickles_need_no_polling(env_base: dict[str, str], client: r
                                "a single job")
 
 
-def test_two_jobs_at_once_wake_two_single_slot_workers(env_base: dict[str, str], client: redis.Redis,
-                                                       queue: Queue) -> None:
-    """Each job wakes one idle worker; the worker that can take only one passes the wake-up on. With a
+def test_two_jobs_at_once_go_to_two_single_slot_workers(env_base: dict[str, str], client: redis.Redis,
+                                                        queue: Queue) -> None:
+    """Each job arriving in an empty queue is handed to one idle worker, not to the same one twice. With a
     one-minute poll interval, the second job runs at once only if that works."""
     k = queue.keys
     env = {**env_base, "WORKER_POLL_INTERVAL_MS": "60000", "WORKER_MAX_CONCURRENT_JOBS": "1", **SIM_ENV}
@@ -176,19 +177,20 @@ def test_two_jobs_at_once_wake_two_single_slot_workers(env_base: dict[str, str],
 
 def test_a_job_handed_over_without_a_free_slot_is_given_back(client: redis.Redis, settings: QueueSettings,
                                                               queue: Queue) -> None:
-    """A claim can fill the last slot while a hand-off is on its way: the worker gives that job back."""
+    """A claim that Redis ran after a hand-off, but whose reply the worker read first, filled the last slot:
+    the handed job is given back."""
     k = queue.keys
     w = make_worker(client, settings, max_concurrent=1)
     w.register()
-    busy = submit(queue, payload={"duration": 10_000, "steps": 1})
-    assert w.run_once() == 1 and w.free_slots() == 0
     pubsub = client.pubsub()
     pubsub.subscribe(k.wake_worker("w1"))
     assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    client.sadd(k.idle_workers("simulation"), "w1")  # as if its last claim had left a slot free
+    client.sadd(k.idle_workers("simulation"), "w1")  # its last claim had found nothing
     handed = submit(queue, payload={"duration": 10, "steps": 1})
     message = pubsub.get_message(timeout=2)
     assert message is not None and client.hget(k.job(handed), "worker_id") == "w1"
+    busy = submit(queue, payload={"duration": 10_000, "steps": 1})
+    assert w.run_once() == 1 and list(w.running) == [busy]
     w._handed(message["data"])
     deadline = time.monotonic() + 5
     while client.hget(k.job(handed), "status") != "pending":
@@ -201,6 +203,47 @@ def test_a_job_handed_over_without_a_free_slot_is_given_back(client: redis.Redis
     for job in list(w.running.values()):
         job.context.stop("shutdown")
     wait_idle(w)
+
+
+def test_a_claim_that_crossed_a_hand_off_gives_back_what_has_no_slot(client: redis.Redis, settings: QueueSettings,
+                                                                     queue: Queue) -> None:
+    """The other order: a claim was on its way when a hand-off arrived and took the last slot."""
+    k = queue.keys
+    w = make_worker(client, settings, max_concurrent=1)
+    w.register()
+    claimed = submit(queue, payload={"duration": 10_000, "steps": 1})
+    in_flight = queue.scripts.claim("w1", w.claim_queues(), 1, settings.lease_ms, services=w.services)
+    assert [job.id for job in in_flight.jobs] == [claimed]
+    pubsub = client.pubsub()
+    pubsub.subscribe(k.wake_worker("w1"))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    client.sadd(k.idle_workers("simulation"), "w1")  # its earlier claim had found nothing
+    client.hset(k.worker("w1"), "max_concurrent_jobs", "2")  # Redis cannot count the in-flight claim's job
+    handed = submit(queue, payload={"duration": 10_000, "steps": 1})
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    w._handed(message["data"])
+    assert list(w.running) == [handed]
+    w._start_claimed(in_flight.jobs)
+    assert list(w.running) == [handed], "never more than max_concurrent_jobs"
+    deadline = time.monotonic() + 5
+    while client.hget(k.job(claimed), "status") != "pending":
+        assert time.monotonic() < deadline, "the claimed job was not given back"
+        gevent.sleep(0.01)
+    assert client.hget(k.job(claimed), "retry_count") == "0"
+    pubsub.close()
+    for job in list(w.running.values()):
+        job.context.stop("shutdown")
+    wait_idle(w)
+
+
+def test_a_worker_serving_nothing_idles_and_stops_on_term(env_base: dict[str, str], client: redis.Redis) -> None:
+    """WORKER_SERVICES naming no service of its connectors: it waits (no busy loop) and SIGTERM still ends it."""
+    env = {**env_base, "WORKER_SERVICES": "nothing-serves-this", "WORKER_HEARTBEAT_INTERVAL_MS": "200"}
+    with worker_process(env, client, "serves-nothing") as proc:
+        beat = client.get(Keys().worker_heartbeat("serves-nothing"))
+        wait_alive(proc, lambda: client.get(Keys().worker_heartbeat("serves-nothing")) != beat, 5,
+                   "a heartbeat (its loop yields)")
 
 
 # -- running jobs through the simulation connector ------------------------------------------------------------------

@@ -80,7 +80,8 @@ end
 
 -- A job arrived in `queue` (of `service`): wake a worker. For the service's own queue, one idle worker (one
 -- whose last claim emptied this queue and left it free slots; see claim_job) is taken from the idle set and
--- woken alone, so that a job wakes one process, not all; one no longer listening is skipped. Given `job_id`
+-- woken alone, so that a job wakes one process, not all; one no longer listening, without a heartbeat or
+-- without a free slot now is skipped. Given `job_id`
 -- (the job that made the queue non-empty), the job is handed to that worker at once: taken for it here and
 -- sent with the wake-up (JSON of its fields), which saves the worker a claim. Busy workers need no wake-up:
 -- they claim again as their jobs finish. A requirement class's queue wakes every worker of the service,
@@ -94,8 +95,12 @@ local function wake(service, queue, job_id)
     local worker_id = redis.call('SPOP', P_IDLE .. service)
     if not worker_id then return end
     local channel = P_WAKE_WORKER .. worker_id
-    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 then
-      local lease_ms = job_id and tonumber(redis.call('HGET', P_WORKER .. worker_id, 'lease_ms'))
+    local worker = redis.call('HMGET', P_WORKER .. worker_id, 'lease_ms', 'max_concurrent_jobs')
+    -- skipped (and so dropped from the idle set): a worker gone quiet, or one a hand-off filled meanwhile
+    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+        and redis.call('EXISTS', P_WORKER .. worker_id .. S_HEARTBEAT) == 1
+        and redis.call('SCARD', P_WORKER .. worker_id .. S_WORKER_JOBS) < (tonumber(worker[2]) or 1) then
+      local lease_ms = job_id and tonumber(worker[1])
       local fields = lease_ms and take(job_id, queue, worker_id, lease_ms)
       if fields then
         busy(worker_id, job_id)

@@ -4,18 +4,33 @@
 -- ARGV[17] idle time (ms) after the last submit   ARGV[18] most classes to look at in this call
 -- ARGV[19] prefix of class records ("jobs:class:")   ARGV[20] prefix of a service's class set ("jobs:classes:")
 -- ARGV[21] prefix of a class's unworkable jobs ("jobs:unworkable:")
--- A class with jobs still waiting (in its queue, or unworkable) is kept, and looked at again after another
--- idle time. A later submit records the class again (submit_job), so forgetting one never strands a job.
+-- A class with jobs still waiting (in its queue, unworkable, for a retry) or running is kept, and looked at
+-- again after another idle time. A later submit records the class again (submit_job), so forgetting one never strands a job.
 -- Returns how many classes were forgotten (the version is bumped once if any were).
 local used_key, version_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local idle_ms, limit = tonumber(ARGV[FIRST_ARG]), tonumber(ARGV[FIRST_ARG + 1])
 local p_class, p_classes, p_unworkable = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
 local idle = redis.call('ZRANGEBYSCORE', used_key, '-inf', NOW_MS - idle_ms, 'LIMIT', 0, limit)
+-- The claim queues of jobs that are running or waiting for a retry: such a job goes back to its class's
+-- queue, which must still be known then.
+local live = nil
+local function in_use(queue)
+  if live == nil then
+    live = {}
+    for _, key in ipairs({ K_LEASES, K_DELAYED }) do
+      for _, job_id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+        local q = redis.call('HGET', P_JOB .. job_id, 'queue')
+        if q then live[q] = true end
+      end
+    end
+  end
+  return live[queue] or redis.call('ZCARD', queue) > 0
+end
 local forgotten = 0
 for _, class_id in ipairs(idle) do
   local text = redis.call('GET', p_class .. class_id)
   local record = text and cjson.decode(text)
-  if record and (redis.call('ZCARD', record.queue) > 0 or redis.call('ZCARD', p_unworkable .. class_id) > 0) then
+  if record and (in_use(record.queue) or redis.call('ZCARD', p_unworkable .. class_id) > 0) then
     redis.call('ZADD', used_key, NOW_MS, class_id)
   else
     if record then redis.call('SREM', p_classes .. record.service, class_id) end
