@@ -69,10 +69,12 @@ class Completion:
 
 @dataclass(frozen=True)
 class Beat:
-    """What a heartbeat learned: jobs this worker lost, and jobs whose cancel was requested."""
+    """What a heartbeat learned: jobs this worker lost, jobs whose cancel was requested, and jobs Redis holds
+    for it that it does not run (id -> attempt: a hand-off whose message was lost)."""
 
     lost: list[str]
     cancel: list[str]
+    orphans: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class Scripts:
                     fields: dict[str, str], job_class: RequirementClass | None = None,
                     now_ms: int | None = None) -> None:
         """Queue a `submit` in a pipeline (bulk loads); its reply, {"ok", seq} or {"exists"}, comes with the
-        pipeline's."""
+        pipeline's. The script is loaded on this object's first use; after a Redis restart that lost the
+        script cache, the pipeline fails with NoScriptError (use a new Scripts)."""
         self._call("submit_job", *self._submit_call(job_id, service, priority, fields, job_class), now_ms,
                    client=pipe)
 
@@ -295,4 +298,6 @@ class Scripts:
                            [worker_id, ttl_s, lease_ms, len(running or {}), *jobs, *flat], now_ms)
         if reply[0] == "unknown":
             return None
-        return Beat([str(j) for j in reply[1]], [str(j) for j in reply[2]])
+        orphans = [str(item) for item in reply[3]]
+        return Beat([str(j) for j in reply[1]], [str(j) for j in reply[2]],
+                    dict(zip(orphans[::2], orphans[1::2], strict=True)))

@@ -414,6 +414,10 @@ class Worker:
             self.stop_job(job_id, "lost")
         for job_id in beat.cancel:
             self.stop_job(job_id, "cancel")
+        for job_id, attempt in beat.orphans.items():
+            if job_id not in self.running:
+                log.warning("job handed to this worker never arrived id=%s: giving it back", job_id)
+                self._give_back(Claimed({"id": job_id, "attempt": attempt}), "its hand-off message was lost")
         recovery = self.scripts.recover(now_ms=now_ms)
         if recovery.jobs or recovery.dead_workers:
             log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,

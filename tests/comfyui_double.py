@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
@@ -66,7 +67,7 @@ class Socket:
                 return
             try:
                 self.sock.sendall(self.ws.send(event))
-            except OSError:
+            except (OSError, LocalProtocolError):  # gone, or closing (as ComfyUI drops such a socket)
                 self.open = False
 
     def drop(self) -> None:

@@ -246,6 +246,28 @@ def test_a_worker_serving_nothing_idles_and_stops_on_term(env_base: dict[str, st
                    "a heartbeat (its loop yields)")
 
 
+def test_a_hand_off_whose_message_was_lost_is_given_back_at_the_next_heartbeat(
+        client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
+    k = queue.keys
+    w = make_worker(client, settings, max_concurrent=2)
+    w.register()
+    pubsub = client.pubsub()  # stands in for the worker's listener; the message never reaches the worker
+    pubsub.subscribe(k.wake_worker("w1"))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    client.sadd(k.idle_workers("simulation"), "w1")
+    lost = submit(queue, payload={"duration": 10, "steps": 1})
+    assert client.hget(k.job(lost), "worker_id") == "w1"
+    w.heartbeat()
+    assert client.hget(k.job(lost), "status") == "assigned", "a hand-off may still be on its way"
+    w.heartbeat(now_ms=clock.now_ms() + 6_000)
+    deadline = time.monotonic() + 5
+    while client.hget(k.job(lost), "status") != "pending":
+        assert time.monotonic() < deadline, "the orphaned job was not given back"
+        gevent.sleep(0.01)
+    assert client.hget(k.job(lost), "retry_count") == "0" and client.smembers(k.worker_jobs("w1")) == set()
+    pubsub.close()
+
+
 # -- running jobs through the simulation connector ------------------------------------------------------------------
 def test_simulation_progress_lands_in_the_stream(worker: Worker, queue: Queue, client: redis.Redis) -> None:
     payload = {"duration": 40, "steps": 4, "job": 7}

@@ -5,9 +5,11 @@
 -- ARGV[19+2n ..] field, value pairs for the worker hash
 -- A job this worker no longer holds (its lease expired and it was recovered) is reported back as lost, so
 -- the worker stops working on it; a job whose cancel was requested is reported too (in case the worker
--- missed the cancel message).
--- Returns {"ok", {lost job ids...}, {cancelled job ids...}} or {"unknown"} if the worker record is gone
--- (it must register again).
+-- missed the cancel message). A job Redis holds for this worker that it does not run, handed to it more
+-- than ORPHAN_MS ago (the hand-off message was lost with a connection), is reported as an orphan (id and
+-- attempt), for the worker to give back at once rather than leave it until its lease runs out.
+-- Returns {"ok", {lost job ids...}, {cancelled job ids...}, {orphan id, attempt, ...}} or {"unknown"} if the
+-- worker record is gone (it must register again).
 local worker_key, heartbeat_key, active_key, jobs_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1],
   KEYS[FIRST_KEY + 2], KEYS[FIRST_KEY + 3]
 local worker_id, ttl_s, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
@@ -18,9 +20,11 @@ for i = FIRST_ARG + 4 + 2 * n, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, unpack(fields))
 redis.call('SET', heartbeat_key, NOW_ISO, 'EX', ttl_s)
 redis.call('SADD', active_key, worker_id)
-local lost, cancel = {}, {}
+local ORPHAN_MS = 5000
+local lost, cancel, orphans, reported = {}, {}, {}, {}
 for i = 1, n do
   local job_id, attempt = ARGV[FIRST_ARG + 2 + 2 * i], ARGV[FIRST_ARG + 3 + 2 * i]
+  reported[job_id] = true
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'cancel_requested')
   if ACTIVE[job[1]] and job[2] == worker_id and job[3] == attempt then
     redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
@@ -30,4 +34,16 @@ for i = 1, n do
     lost[#lost + 1] = job_id
   end
 end
-return { 'ok', lost, cancel }
+for _, job_id in ipairs(redis.call('SMEMBERS', jobs_key)) do
+  if not reported[job_id] then
+    local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt')
+    local lease = tonumber(redis.call('ZSCORE', K_LEASES, job_id))
+    if not (ACTIVE[job[1]] and job[2] == worker_id) then
+      redis.call('SREM', jobs_key, job_id)  -- moved on without this worker long ago
+    elseif lease and lease - lease_ms < NOW_MS - ORPHAN_MS then
+      orphans[#orphans + 1] = job_id
+      orphans[#orphans + 1] = job[3]
+    end
+  end
+end
+return { 'ok', lost, cancel, orphans }
