@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row("  submit to completed (the worker ran it)", fmt(lat["completed_ms"], "ms")))
         lines.append(row("  of which the submit call itself", fmt(lat["submit_call_ms"], "ms")))
         lines.append(row("  reference: one PING round trip", fmt(lat["ping_ms"], "ms")))
+        lines.append(row(f"  same after {lat['gap_ms']:g} ms idle, as each job", fmt(lat["idle_ping_ms"], "ms"),
+                         "(the host's wake-up cost)"))
     claim = results.get("claim")
     if claim:
         lines.append(row("3 claim, nothing else pending p50/p95/p99", fmt(claim["alone_us"], "us", 0)))

@@ -103,13 +103,15 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
     """One job at a time into an idle worker: from the submit call to the claim.
 
     `observed_ms`: from just before the submit call until this client reads the job's `assigned` entry with
-    XREAD BLOCK on its progress stream (sent right after submit returns): an upper bound that includes one
-    delivery to this client. The claim is made by the submit script itself when it hands the job to an idle
-    worker, so `completed_ms` (until this client reads the `completed` entry the no-op job's worker wrote)
-    shows when the worker really had it. `recorded_ms`: the claim's clock minus the submit's (both in whole
-    milliseconds on this host's clock), read from the job's stream entries.
+    an XREAD BLOCK on its progress stream, sent on a connection of its own before the submit (so that no
+    request of the measurement follows the submit): an upper bound that includes one delivery to this client.
+    The claim is made by the submit script itself when it hands the job to an idle worker, so `completed_ms`
+    (until this client reads the `completed` entry the no-op job's worker wrote) shows when the worker really
+    had it. `recorded_ms`: the claim's clock minus the submit's (both in whole milliseconds on this host's
+    clock), read from the job's stream entries.
     """
     client = queue.client
+    watch = client.connection_pool.make_connection()  # carries the XREAD sent ahead of each submit
     observed: list[float] = []
     completed: list[float] = []
     recorded: list[float] = []
@@ -118,37 +120,48 @@ def submit_to_claim(queue: Queue, samples: int, service: str = "noop", gap_s: fl
         time.sleep(gap_s)  # the worker is idle again: its last job finished long ago
         spec = JobSpec(service, priority=50)
         stream = queue.keys.progress(spec.id)
+        watch.send_command("XREAD", "COUNT", 10, "BLOCK", 2000, "STREAMS", stream, "0")
         started = time.perf_counter()
         queue.submit(spec)
         returned = time.perf_counter()
         last_id, assigned, seen, done = "0", None, 0.0, False
+        first = watch.read_response()  # raw: [[stream, [[id, [field, value, ...]], ...]]] or None
+        entries = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in (first[0][1] if first else [])]
         while not done:
-            reply = client.xread({stream: last_id}, count=10, block=2000)
-            if not reply:
+            if not entries:
                 raise RuntimeError(f"job {spec.id} was not claimed and completed within 2 s; are the noop "
                                    "workers up?")
-            for entry_id, fields in reply[0][1]:
+            for entry_id, fields in entries:
                 last_id = entry_id
                 if fields.get("event") == "submitted":
                     submitted_ms = iso_ms(fields["updated_at"])
                 if fields.get("event") == "assigned":
                     assigned, seen = fields, time.perf_counter()
                 done = done or fields.get("event") == "completed"
+            if not done:
+                more = client.xread({stream: last_id}, count=10, block=2000)
+                entries = more[0][1] if more else []
         finished = time.perf_counter()
         if n >= 20 and assigned is not None:  # the first ones warm up connections and scripts
             observed.append((seen - started) * 1000)
             completed.append((finished - started) * 1000)
             submit_calls.append((returned - started) * 1000)
             recorded.append(iso_ms(assigned["updated_at"]) - submitted_ms)
-    pings = []
+    pings, idle_pings = [], []
     for _ in range(samples):
         started = time.perf_counter()
         client.ping()
         pings.append((time.perf_counter() - started) * 1000)
+    watch.disconnect()
+    for _ in range(samples):  # the same idle gap as the jobs: what waking idle processes costs on this host
+        time.sleep(gap_s)
+        started = time.perf_counter()
+        client.ping()
+        idle_pings.append((time.perf_counter() - started) * 1000)
     return {"samples": samples, "observed_ms": _summary(observed), "completed_ms": _summary(completed),
             "recorded_ms": _summary(recorded),
             "submit_call_ms": _summary(submit_calls),
-            "ping_ms": _summary(pings)}
+            "ping_ms": _summary(pings), "idle_ping_ms": _summary(idle_pings), "gap_ms": gap_s * 1000}
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
