@@ -174,7 +174,7 @@ class Scripts:
         again) without asking Redis separately."""
         k = self.keys
         marked = [("+" if k.pending_service(s) in queues else "-") + s for s in services]
-        reply = self._call("claim_job", [k.worker_jobs(worker_id), k.worker(worker_id), k.classes_version, *queues],
+        reply = self._call("claim_job", [k.classes_version, *queues],
                            [worker_id, count, lease_ms, *marked], now_ms)
         jobs = [Claimed(dict(zip(flat[::2], flat[1::2], strict=False))) for flat in reply[2:]]
         next_due = int(reply[0])

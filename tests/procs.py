@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 
 from appliance.keys import Keys
+from appliance.queue import Queue
 from conftest import ROOT, free_port, redis_binary
 
 
@@ -140,3 +141,27 @@ def worker_process(env: dict[str, str], client: redis.Redis, worker_id: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class Listener:
+    """Subscribed to some workers' wake channels (as each worker is), collecting who was woken."""
+
+    def __init__(self, client: redis.Redis, queue: Queue, worker_ids: list[str], services: tuple[str, ...] = ()):
+        self.pubsub = client.pubsub()
+        channels = [queue.keys.wake_worker(w) for w in worker_ids] + [queue.keys.wake(s) for s in services]
+        self.pubsub.subscribe(*channels)
+        for _ in channels:  # subscribed for sure before any job is submitted
+            assert self.pubsub.get_message(timeout=2)["type"] == "subscribe"
+
+    def woken(self) -> list[str]:
+        return [channel.rsplit(":", 1)[1] for channel, _ in self.messages()]
+
+    def messages(self) -> list[tuple[str, str]]:
+        """(channel, data) of every message that arrived, waiting 0.2 s for more after the last."""
+        got = []
+        while (message := self.pubsub.get_message(timeout=0.2)) is not None:
+            got.append((message["channel"], message["data"]))
+        return got
+
+    def close(self) -> None:
+        self.pubsub.close()

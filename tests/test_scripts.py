@@ -17,6 +17,7 @@ from appliance.keys import Keys
 from appliance.queue import Queue
 from appliance.scripts import ClaimResult, Completion, Scripts
 from appliance.settings import QueueSettings
+from procs import Listener
 
 T0 = 1_800_000_000_000  # a fixed "now" (epoch ms) for scripts whose clock the tests drive
 LEASE_MS = 20_000
@@ -600,26 +601,6 @@ def test_a_cancel_requested_while_running_wins_over_a_retry_or_a_hand_back(queue
 
 
 # -- wake-ups: one idle worker per arriving job -------------------------------------------------------------------
-class Listener:
-    """Subscribed to some workers' wake channels (as each worker is), collecting who was woken."""
-
-    def __init__(self, client: redis.Redis, queue: Queue, worker_ids: list[str], services: tuple[str, ...] = ()):
-        self.pubsub = client.pubsub()
-        channels = [queue.keys.wake_worker(w) for w in worker_ids] + [queue.keys.wake(s) for s in services]
-        self.pubsub.subscribe(*channels)
-        for _ in channels:  # subscribed for sure before any job is submitted
-            assert self.pubsub.get_message(timeout=2)["type"] == "subscribe"
-
-    def woken(self) -> list[str]:
-        return [channel.rsplit(":", 1)[1] for channel, _ in self.messages()]
-
-    def messages(self) -> list[tuple[str, str]]:
-        got = []
-        while (message := self.pubsub.get_message(timeout=0.2)) is not None:
-            got.append((message["channel"], message["data"]))
-        return got
-
-
 def register_workers(queue: Queue, *worker_ids: str, **fields: str) -> None:
     """Registered workers with 4 slots (a heartbeat, a hash), waking plainly unless given a lease_ms."""
     for worker_id in worker_ids:

@@ -19,7 +19,7 @@ from appliance.queue import Queue
 from appliance.settings import QueueSettings, WorkerSettings
 from appliance.worker import Worker
 from connectors.simulation import SimulationConnector
-from procs import wait_alive, worker_process
+from procs import Listener, wait_alive, worker_process
 
 SIM_ENV = {"WORKER_SIMULATION_PROCESSING_TIME": "0.05", "WORKER_SIMULATION_STEPS": "2"}
 
@@ -59,6 +59,22 @@ def wait_idle(worker: Worker, timeout_s: float = 20) -> None:
     deadline = time.monotonic() + timeout_s
     while worker.running:
         assert time.monotonic() < deadline, f"jobs still running: {list(worker.running)}"
+        gevent.sleep(0.01)
+
+
+def idle_listener(client: redis.Redis, queue: Queue) -> Listener:
+    """Stands in for w1's wake-up listener (the worker under test is driven by hand), with w1 marked idle as if
+    its last claim had found nothing: a job submitted now is handed to w1 through this listener."""
+    listener = Listener(client, queue, ["w1"])
+    client.sadd(queue.keys.idle_workers("simulation"), "w1")
+    return listener
+
+
+def wait_status(client: redis.Redis, queue: Queue, job_id: str, status: str, timeout_s: float = 5) -> None:
+    """Let greenlets run until the job has `status`."""
+    deadline = time.monotonic() + timeout_s
+    while client.hget(queue.keys.job(job_id), "status") != status:
+        assert time.monotonic() < deadline, f"job {job_id} never became {status}"
         gevent.sleep(0.01)
 
 
@@ -182,24 +198,18 @@ def test_a_job_handed_over_without_a_free_slot_is_given_back(client: redis.Redis
     k = queue.keys
     w = make_worker(client, settings, max_concurrent=1)
     w.register()
-    pubsub = client.pubsub()
-    pubsub.subscribe(k.wake_worker("w1"))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    client.sadd(k.idle_workers("simulation"), "w1")  # its last claim had found nothing
+    listener = idle_listener(client, queue)
     handed = submit(queue, payload={"duration": 10, "steps": 1})
-    message = pubsub.get_message(timeout=2)
-    assert message is not None and client.hget(k.job(handed), "worker_id") == "w1"
+    [(_, data)] = listener.messages()
+    assert client.hget(k.job(handed), "worker_id") == "w1"
     busy = submit(queue, payload={"duration": 10_000, "steps": 1})
     assert w.run_once() == 1 and list(w.running) == [busy]
-    w._handed(message["data"])
-    deadline = time.monotonic() + 5
-    while client.hget(k.job(handed), "status") != "pending":
-        assert time.monotonic() < deadline, "the job was not given back"
-        gevent.sleep(0.01)
+    w._handed(data)
+    wait_status(client, queue, handed, "pending")  # given back
     assert handed not in w.running and busy in w.running
     assert client.smembers(k.worker_jobs("w1")) == {busy}
     assert client.hget(k.job(handed), "retry_count") == "0", "a hand-back is not a failure"
-    pubsub.close()
+    listener.close()
     for job in list(w.running.values()):
         job.context.stop("shutdown")
     wait_idle(w)
@@ -214,24 +224,17 @@ def test_a_claim_that_crossed_a_hand_off_gives_back_what_has_no_slot(client: red
     claimed = submit(queue, payload={"duration": 10_000, "steps": 1})
     in_flight = queue.scripts.claim("w1", w.claim_queues(), 1, settings.lease_ms, services=w.services)
     assert [job.id for job in in_flight.jobs] == [claimed]
-    pubsub = client.pubsub()
-    pubsub.subscribe(k.wake_worker("w1"))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    client.sadd(k.idle_workers("simulation"), "w1")  # its earlier claim had found nothing
+    listener = idle_listener(client, queue)
     client.hset(k.worker("w1"), "max_concurrent_jobs", "2")  # Redis cannot count the in-flight claim's job
     handed = submit(queue, payload={"duration": 10_000, "steps": 1})
-    message = pubsub.get_message(timeout=2)
-    assert message is not None
-    w._handed(message["data"])
+    [(_, data)] = listener.messages()
+    w._handed(data)
     assert list(w.running) == [handed]
     w._start_claimed(in_flight.jobs)
     assert list(w.running) == [handed], "never more than max_concurrent_jobs"
-    deadline = time.monotonic() + 5
-    while client.hget(k.job(claimed), "status") != "pending":
-        assert time.monotonic() < deadline, "the claimed job was not given back"
-        gevent.sleep(0.01)
+    wait_status(client, queue, claimed, "pending")  # given back
     assert client.hget(k.job(claimed), "retry_count") == "0"
-    pubsub.close()
+    listener.close()
     for job in list(w.running.values()):
         job.context.stop("shutdown")
     wait_idle(w)
@@ -251,21 +254,15 @@ def test_a_hand_off_whose_message_was_lost_is_given_back_at_the_next_heartbeat(
     k = queue.keys
     w = make_worker(client, settings, max_concurrent=2)
     w.register()
-    pubsub = client.pubsub()  # stands in for the worker's listener; the message never reaches the worker
-    pubsub.subscribe(k.wake_worker("w1"))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    client.sadd(k.idle_workers("simulation"), "w1")
+    listener = idle_listener(client, queue)  # its message never reaches the worker
     lost = submit(queue, payload={"duration": 10, "steps": 1})
     assert client.hget(k.job(lost), "worker_id") == "w1"
     w.heartbeat()
     assert client.hget(k.job(lost), "status") == "assigned", "a hand-off may still be on its way"
     w.heartbeat(now_ms=clock.now_ms() + 6_000)
-    deadline = time.monotonic() + 5
-    while client.hget(k.job(lost), "status") != "pending":
-        assert time.monotonic() < deadline, "the orphaned job was not given back"
-        gevent.sleep(0.01)
+    wait_status(client, queue, lost, "pending")  # given back
     assert client.hget(k.job(lost), "retry_count") == "0" and client.smembers(k.worker_jobs("w1")) == set()
-    pubsub.close()
+    listener.close()
 
 
 # -- running jobs through the simulation connector ------------------------------------------------------------------

@@ -1,8 +1,7 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
--- KEYS[8]   worker:{id}:jobs           set of job ids the worker holds   } both written through take and busy
--- KEYS[9]   worker:{id}                worker hash (status, current job) } (_lib), which name them by prefix
--- KEYS[10]  jobs:class-version         counter bumped when a requirement class appears or goes
--- KEYS[11..] claim queues               every queue (service, requirement class) the worker can serve
+-- KEYS[8]   jobs:class-version         counter bumped when a requirement class appears or goes
+-- KEYS[9..] claim queues                every queue (service, requirement class) the worker can serve
+-- (the worker's hash and set of held jobs are written through take and busy in _lib, named by prefix)
 -- ARGV[17] worker id   ARGV[18] how many jobs to take at most   ARGV[19] lease (ms)
 -- ARGV[20..] the worker's services, each marked "+" if its own queue is among KEYS (the worker reads it) or
 -- "-" if not: a claim that empties the worker's queues puts it in the idle sets of its "+" services (a job
@@ -30,12 +29,12 @@ local function read_head(i)
   local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   heads[i] = head[1] and { head[1], tonumber(head[2]) } or false
 end
-for i = FIRST_KEY + 3, #KEYS do read_head(i) end
+for i = FIRST_KEY + 1, #KEYS do read_head(i) end
 
 local claimed, last_id = {}, nil
 while #claimed < want do
   local best = nil
-  for i = FIRST_KEY + 3, #KEYS do
+  for i = FIRST_KEY + 1, #KEYS do
     if heads[i] and (best == nil or heads[i][2] > heads[best][2]) then best = i end
   end
   if best == nil then break end
@@ -57,13 +56,13 @@ for i = FIRST_ARG + 3, #ARGV do
   else
     redis.call('SREM', P_IDLE .. service, worker_id)
     local own = P_PENDING_SVC .. service
-    for q = FIRST_KEY + 3, #KEYS do
+    for q = FIRST_KEY + 1, #KEYS do
       if not drained and heads[q] and KEYS[q] == own then wake(service, own) end
     end
   end
 end
 
 local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-local result = { next_due[2] and tonumber(next_due[2]) or -1, tonumber(redis.call('GET', KEYS[FIRST_KEY + 2]) or 0) }
+local result = { next_due[2] and tonumber(next_due[2]) or -1, tonumber(redis.call('GET', KEYS[FIRST_KEY]) or 0) }
 for _, job in ipairs(claimed) do result[#result + 1] = job end
 return result
