@@ -2,7 +2,8 @@
 
 A job's submit records its class (appliance/lua/submit_job.lua); `ClassBook` lists the classes of some
 services, forgets those left idle and empty (`forget_idle`), and moves a class's jobs to `unworkable` (and back)
-as registered workers come and go. `ClaimPlanner` is the worker's
+as registered workers come and go, and likewise the jobs of a service no worker offers (`sweep_services`).
+`ClaimPlanner` is the worker's
 side: from its capabilities and latest telemetry it works out, in Python, the claim queues it can serve, and
 caches them until a new class appears, its telemetry changes or a while has passed.
 """
@@ -17,12 +18,12 @@ from typing import Any, cast
 import orjson
 import redis
 
+from appliance import clock
 from appliance.keys import Keys
 from appliance.matching import RequirementClass, class_id, mismatch
-from appliance.scripts import Scripts
+from appliance.scripts import OFFERED_WINDOW_MS, Scripts
 
 log = logging.getLogger(__name__)
-MOVE_BATCH = 1000
 WORKERS_CACHE_S = 1.0
 REFRESH_S = 15.0
 
@@ -74,14 +75,7 @@ class ClassBook:
     # -- unworkable ---------------------------------------------------------------------------------------
     def mark_unworkable(self, job_class: RequirementClass, reason: str) -> int:
         """Move the class's pending jobs out of line as `unworkable`; returns how many."""
-        total = 0
-        while True:
-            marked, left = self.scripts._call("mark_unworkable",
-                                              [job_class.queue, self.keys.unworkable_class(job_class.id)],
-                                              [reason, MOVE_BATCH])
-            total += int(marked)
-            if int(left) == 0:  # each call takes its batch off the queue, so this ends
-                break
+        total = self.scripts.mark_unworkable(job_class.queue, self.keys.unworkable_class(job_class.id), reason)
         if total:
             log.warning("jobs unworkable class=%s service=%s count=%d reason=%s", job_class.id,
                         job_class.service, total, reason)
@@ -89,16 +83,55 @@ class ClassBook:
 
     def revive(self, job_class: RequirementClass, message: str) -> int:
         """Put the class's unworkable jobs back in line; returns how many."""
-        total = 0
-        while True:
-            keys = [self.keys.unworkable_class(job_class.id)]
-            revived, left = self.scripts._call("revive_unworkable", keys, [message, MOVE_BATCH])
-            total += int(revived)
-            if int(left) == 0:
-                break
+        total = self.scripts.revive_unworkable(self.keys.unworkable_class(job_class.id), message)
         if total:
             log.info("unworkable jobs back in line class=%s count=%d: %s", job_class.id, total, message)
         return total
+
+    def sweep_services(self, now_ms: int | None = None) -> tuple[int, int]:
+        """Jobs of services no registered worker offered within OFFERED_WINDOW_MS leave the line as
+        `unworkable` (those submitted since are marked by submit_job itself); those of services offered again
+        go back (registers and heartbeats do this too; this catches what they left). Returns (marked, revived).
+        """
+        k = self.keys
+        now = clock.now_ms() if now_ms is None else now_ms
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(k.services)
+        pipe.zrangebyscore(k.services_offered, now - OFFERED_WINDOW_MS, "+inf")
+        known, offered = pipe.execute()
+        # with no service offered at all (no worker lately) nothing is judged: see `unoffered` in _lib.lua
+        unoffered = sorted(set(known) - set(offered)) if offered else []
+        for service in unoffered:
+            pipe.smembers(k.requirement_classes(service))
+        queues = {service: [k.pending_service(service), *(k.pending_class(service, cid) for cid in sorted(ids))]
+                  for service, ids in zip(unoffered, pipe.execute(), strict=True)}
+        served = sorted(set(known) & set(offered))
+        for service in unoffered:
+            for queue in queues[service]:
+                pipe.zcard(queue)
+        for service in served:
+            pipe.zcard(k.unoffered(service))
+        if unoffered:  # a note on why a service's jobs wait is void once it is not offered at all
+            pipe.hdel(k.services_unhealthy, *unoffered)
+        sizes = iter(pipe.execute())
+        marked = revived = 0
+        for service in unoffered:
+            count = 0
+            for queue in queues[service]:
+                if next(sizes):
+                    count += self.scripts.mark_unworkable(queue, k.unoffered(service), "",
+                                                          unoffered_service=service, now_ms=now)
+            if count:
+                log.warning("jobs unworkable service=%s count=%d: no registered worker offered it for %ds",
+                            service, count, OFFERED_WINDOW_MS // 1000)
+            marked += count
+        for service in served:
+            if next(sizes):
+                count = self.scripts.revive_unworkable(k.unoffered(service),
+                                                       f"a worker offers service '{service}' again", now)
+                log.info("unworkable jobs back in line service=%s count=%d", service, count)
+                revived += count
+        return marked, revived
 
     def registered_workers(self, cached: bool = False) -> dict[str, dict[str, Any]]:
         """Capabilities of every registered worker (by id)."""
@@ -122,7 +155,10 @@ class ClassBook:
 
     @staticmethod
     def judge(job_class: RequirementClass, workers: dict[str, dict[str, Any]]) -> str | None:
-        """Why no registered worker could ever serve the class; None if one can, or none is registered."""
+        """Why no registered worker could ever serve the class; None if one can, or none registered offers its
+        service (whether its service is offered is judged on its own, with a window that spans restarts:
+        `sweep_services` and submit_job.lua)."""
+        workers = {w: caps for w, caps in workers.items() if job_class.service in (caps.get("services") or [])}
         if not workers:
             return None
         reasons = []

@@ -213,6 +213,8 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
                   f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s "
                   f"gpu={gpu_owned(w)}")
+        for line in queue.service_notes():  # jobs nobody can serve, or waiting for an unhealthy service
+            print(line)
     except redis.RedisError as exc:
         print(f"\nqueue: Redis not reachable ({exc}); check the redis program above")
     return 0

@@ -84,6 +84,10 @@ class Connector(ABC):
     def healthy(self) -> bool:
         return True
 
+    def health_error(self) -> str:
+        """Why `healthy()` is False (its latest health check's error), shown on the jobs that wait for it."""
+        return ""
+
     def models(self) -> list[str]:
         return []
 

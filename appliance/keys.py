@@ -173,6 +173,33 @@ class Keys:
         """Jobs of a class that no registered worker can serve; same scores as the claim queues."""
         return f"{self.prefix}jobs:unworkable:{class_id}"
 
+    # -- services offered by workers (appliance/classes.py) ------------------------------------------
+    def unoffered(self, service: str) -> str:
+        """Jobs of a service no registered worker offered lately (status `unworkable`); same scores as the
+        claim queues, to put them back in line where they were."""
+        return f"{self.prefix}jobs:unoffered:{service}"
+
+    @property
+    def unoffered_prefix(self) -> str:
+        return f"{self.prefix}jobs:unoffered:"
+
+    @property
+    def services_offered(self) -> str:
+        """Zset: service → when a registered worker last had it configured (epoch ms; its register and
+        heartbeats), healthy or not. Offered within OFFERED_WINDOW_MS (appliance/scripts.py), its jobs wait
+        in line; otherwise they are `unworkable`."""
+        return f"{self.prefix}workers:offered"
+
+    @property
+    def services_serving(self) -> str:
+        """Zset: service → when a registered worker last offered it healthy (epoch ms)."""
+        return f"{self.prefix}workers:serving"
+
+    @property
+    def services_unhealthy(self) -> str:
+        """Hash: service → why its jobs wait (configured on a worker whose health check fails, none healthy)."""
+        return f"{self.prefix}workers:unhealthy"
+
     def job_outputs(self, job_id: str) -> str:
         """Hash: file name → JSON {content_type, size, node, data (base64)} of a job's output files."""
         return f"{self.prefix}outputs:{job_id}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import uuid
 from typing import Any, cast
 
@@ -12,12 +13,13 @@ import redis
 from appliance import clock
 from appliance.classes import ClassBook
 from appliance.errors import JobExists
-from appliance.jobs import STATUS_VALUES, JobSpec, public_job
+from appliance.jobs import STATUS_VALUES, JobSpec, JobStatus, public_job
 from appliance.keys import Keys
 from appliance.matching import parse_requirements
-from appliance.scripts import Scripts
+from appliance.scripts import OFFERED_WINDOW_MS, Scripts
 from appliance.settings import QueueSettings
 
+log = logging.getLogger(__name__)
 LIST_LIMIT_MAX = 1000
 
 
@@ -43,24 +45,55 @@ class Queue:
         requirements = parse_requirements(spec.requirements)
         job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
         try:
-            self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(), job_class,
-                                now_ms=now_ms)
+            submitted = self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
+                                            job_class, now_ms=now_ms)
         except JobExists:
-            pass  # ids are uuid4s made here: only our own re-sent submit can have stored it already
-        if job_class is not None:
+            return spec.id  # ids are uuid4s made here: only our own re-sent submit can have stored it already
+        if submitted.unworkable_reason:
+            log.warning("job unworkable id=%s service=%s: %s", spec.id, spec.service_required,
+                        submitted.unworkable_reason)
+        elif job_class is not None:
             self.classes.check_submitted(job_class)
         return spec.id
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         # connect() decodes replies, so redis-py's `bytes | str` values are str here
         fields = cast(dict[str, str], self.client.hgetall(self.keys.job(job_id)))
-        return public_job(fields) if fields else None
+        return self._public([fields])[0] if fields else None
 
     def get_many(self, job_ids: builtins.list[str]) -> builtins.list[dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.keys.job(job_id))
-        return [public_job(fields) for fields in pipe.execute() if fields]
+        return self._public([fields for fields in pipe.execute() if fields])
+
+    def _public(self, records: builtins.list[dict[str, str]]) -> builtins.list[dict[str, Any]]:
+        """Job records as clients see them. A pending job that no worker can take now says why in
+        `waiting_reason`: its service is configured on a worker whose health check fails, or no worker at all
+        offered a service lately."""
+        jobs = [public_job(fields) for fields in records]
+        pending = [(job, fields.get("service_required", "")) for job, fields in zip(jobs, records, strict=True)
+                   if fields.get("status") == JobStatus.PENDING]
+        if pending:
+            notes = self.waiting_reasons(sorted({service for _, service in pending}))
+            for job, service in pending:
+                if notes.get(service):
+                    job["waiting_reason"] = notes[service]
+        return jobs
+
+    def waiting_reasons(self, services: builtins.list[str], now_ms: int | None = None) -> dict[str, str]:
+        """Why jobs of these services wait though they are not unworkable, for those that do."""
+        if not services:
+            return {}
+        now = clock.now_ms() if now_ms is None else now_ms
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.services_unhealthy, services)
+        pipe.zcount(self.keys.services_offered, now - OFFERED_WINDOW_MS, "+inf")
+        notes, offered = pipe.execute()
+        if not offered:
+            idle = f"no worker offered any service in the last {OFFERED_WINDOW_MS // 1000}s"
+            return dict.fromkeys(services, idle)
+        return {service: note for service, note in zip(services, notes, strict=True) if note}
 
     def list(self, status: str | None = None, service: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[builtins.list[dict[str, Any]], int]:
@@ -97,6 +130,26 @@ class Queue:
         for status in STATUS_VALUES:
             pipe.zcard(self.keys.index_status(status))
         return dict(zip(STATUS_VALUES, (int(n) for n in pipe.execute()), strict=False))
+
+    def service_notes(self) -> builtins.list[str]:
+        """Lines for `bin/appliance status`: services whose jobs are unworkable because no registered worker
+        offers them, and services whose jobs wait because no worker can take them now (and why)."""
+        k = self.keys
+        services = sorted(cast(set[str], self.client.smembers(k.services)))
+        waiting = self.waiting_reasons(services)
+        pipe = self.client.pipeline(transaction=False)
+        for service in services:
+            pipe.zcard(k.unoffered(service))
+        lines = [f"unworkable: {n} jobs of service {service!r}: no registered worker offers it"
+                 for service, n in zip(services, pipe.execute(), strict=True) if n]
+        for service, why in waiting.items():
+            classes = cast(set[str], self.client.smembers(k.requirement_classes(service)))
+            for queue in [k.pending_service(service), *(k.pending_class(service, c) for c in classes)]:
+                pipe.zcard(queue)
+            pending = sum(pipe.execute())
+            if pending:
+                lines.append(f"waiting: {pending} jobs of service {service!r}: {why}")
+        return lines
 
     def worker_ids(self) -> builtins.list[str]:
         return sorted(cast(set[str], self.client.smembers(self.keys.workers_active)))

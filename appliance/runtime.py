@@ -1,21 +1,25 @@
 """Where a running appliance lives and how it is wired: run folder, Redis choice, worker programs.
 
-Used by the CLI (`bin/appliance`) before it starts supervisord; everything is written under the run folder.
+Used by the CLI (`bin/appliance`) before it starts or updates supervisord; everything is written under the run
+folder, the program sections included (RUN/conf.d/*.conf).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import urlsplit
 
 import redis
+from supervisor.datatypes import dict_of_key_value_pairs
 
 from appliance.gpu import discover
 from appliance.settings import Env, SettingsError, redact_url
@@ -186,22 +190,107 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
     return WorkerPlan(programs, f"no NVIDIA GPU ({why}): running {len(programs)} CPU workers (WORKER_COUNT)")
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+# -- supervisord program sections ------------------------------------------------------------------
+# Every variable the appliance reads (appliance/settings.py); `start` and `restart` write them into each
+# program's `environment=`, and supervisord itself runs without them, so that `restart` applies a changed or
+# removed setting (supervisord's own environment is fixed when it starts).
+SETTING_PREFIXES = ("WORKER_", "API_", "JOB_", "PROGRESS_", "EVENTS_", "APPLIANCE_")
+SETTING_NAMES = frozenset({"REDIS_URL", "HUB_REDIS_URL", "LOG_LEVEL", "CORS_ORIGINS"})
+SUPERVISORD_NAMES = ("APPLIANCE_RUN_DIR", "APPLIANCE_HOME", "APPLIANCE_VENV")  # fixed for supervisord's life
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_COMMENT_RE = re.compile(r"\s[;#]")
 
 
-def workers_conf(programs: list[WorkerProgram], stopwait_s: int) -> str:
+def is_setting(name: str) -> bool:
+    """Whether `name` is an appliance setting (passed to programs explicitly, not through supervisord)."""
+    return ((name in SETTING_NAMES or name.startswith(SETTING_PREFIXES)) and name not in SUPERVISORD_NAMES
+            and bool(_NAME_RE.match(name)))
+
+
+def _quote(name: str, value: str) -> str:
+    """A value for supervisord's `environment=`: its parser (shlex, not POSIX) keeps backslashes as they are and
+    strips quote characters at both ends, so a value is quoted with the quote it does not contain; its config
+    reader ends a line at an inline comment (a space, then ';' or '#'), quotes or not."""
+    if "\n" in value or "\r" in value:
+        raise SettingsError(f"{name}: a value on several lines cannot be passed to the programs")
+    quote = "'" if '"' in value else '"'
+    if quote in value or (value and (value[0] in "'\"" or value[-1] in "'\"")) or _COMMENT_RE.search(value):
+        raise SettingsError(f"{name}={value!r}: supervisord cannot pass a value that starts or ends with a quote, "
+                            "holds both kinds of quote, or a space before ';' or '#'")
+    return quote + value.replace("%", "%%") + quote
+
+
+def environment_line(values: Mapping[str, str]) -> str:
+    """`environment=` of a program section (raises SettingsError for a value supervisord cannot carry)."""
+    return "environment=" + ",".join(f"{key}={_quote(key, value)}" for key, value in values.items())
+
+
+def changed_settings(old_texts: Iterable[str], new_texts: Iterable[str]) -> list[str]:
+    """The variables whose value differs between two sets of program sections (set, changed or removed)."""
+    def values(texts: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for text in texts:
+            for line in text.splitlines():
+                if line.startswith("environment="):
+                    found.update(dict_of_key_value_pairs(line.removeprefix("environment=").replace("%%", "%")))
+        return found
+
+    old, new = values(old_texts), values(new_texts)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Mapping[str, str]) -> str:
+    """The `redis` (only when embedded) and `api` program sections, with every setting passed explicitly."""
+    env = environment_line(settings)
+    lines = ["; written by bin/appliance at start and restart (do not edit; change the settings and run "
+             "`bin/appliance restart`)"]
+    if redis_command is not None:
+        lines += [
+            "",
+            "[program:redis]",
+            "command=" + " ".join(shlex.quote(arg) for arg in redis_command).replace("%", "%%"),
+            "autorestart=true",
+            "priority=10                      ; first up, last down",
+            "startsecs=1",
+            "stopsignal=TERM                  ; Redis flushes the AOF and exits",
+            "stopwaitsecs=30",
+            "stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/redis.log",
+            "stdout_logfile_maxbytes=10MB",
+            "redirect_stderr=true",
+        ]
+    lines += [
+        "",
+        "[program:api]",
+        "command=%(ENV_APPLIANCE_VENV)s/bin/gunicorn --config %(ENV_APPLIANCE_HOME)s/etc/gunicorn.conf.py "
+        "appliance.api.wsgi:app",
+        "directory=%(ENV_APPLIANCE_HOME)s",
+        env,
+        "autorestart=true",
+        "priority=20",
+        "startsecs=2",
+        "stopsignal=TERM                  ; gunicorn's graceful stop (API_GRACEFUL_TIMEOUT_SECONDS)",
+        f"stopwaitsecs={api_stopwait_s}                 ; above gunicorn's graceful timeout",
+        "stopasgroup=true",
+        "killasgroup=true",
+        "stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/api.log",
+        "stdout_logfile_maxbytes=20MB",
+        "redirect_stderr=true",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def workers_conf(programs: list[WorkerProgram], stopwait_s: int, settings: Mapping[str, str] | None = None) -> str:
     """The supervisord sections of the worker programs and their `workers` group."""
-    lines = ["; written by bin/appliance at start: one program per worker (do not edit; set WORKER_* instead)"]
+    lines = ["; written by bin/appliance at start and restart: one program per worker (do not edit; set "
+             "WORKER_* and run `bin/appliance restart workers`)"]
     for program in programs:
-        env = ",".join(f"{key}={_quote(value)}" for key, value in program.environment.items())
+        env = environment_line({**(settings or {}), **program.environment})
         lines += [
             "",
             f"[program:{program.name}]",
             "command=%(ENV_APPLIANCE_VENV)s/bin/python -m appliance.worker_process",
             "directory=%(ENV_APPLIANCE_HOME)s",
-            f"environment={env}",
-            "autostart=true",
+            env,
             "autorestart=true",
             "priority=30",
             "startsecs=1",
@@ -217,8 +306,11 @@ def workers_conf(programs: list[WorkerProgram], stopwait_s: int) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` at once; readable by this user only (settings may hold passwords)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
     os.replace(tmp, path)
 
 

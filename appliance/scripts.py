@@ -6,7 +6,7 @@ loaded, so they share one set of helpers without a build step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -24,8 +24,14 @@ from appliance.settings import QueueSettings
 SCRIPT_NAMES = (
     "submit_job", "claim_job", "progress_job", "complete_jobs", "fail_job", "release_job", "cancel_job",
     "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs", "recover_jobs",
-    "prune_classes", "mark_unworkable", "revive_unworkable",  # the last two wrapped in appliance/classes.py
+    "prune_classes", "mark_unworkable", "revive_unworkable",
 )
+# A service a registered worker offered (was configured for, healthy or not) within this window counts as
+# offered: its jobs wait in line. Past it, they are `unworkable` until a worker offering it registers. The window
+# spans a worker's restart (`bin/appliance restart workers`, supervisord restarting one that crashed), so
+# that restarts do not churn jobs between pending and unworkable.
+OFFERED_WINDOW_MS = 300_000
+UNWORKABLE_BATCH = 1000  # jobs moved to or from `unworkable` per script call
 
 
 def load_source(name: str) -> str:
@@ -47,6 +53,14 @@ class Claimed:
     @property
     def attempt(self) -> str:
         return self.fields["attempt"]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A stored job: its place in line, and why it is `unworkable` ('' when it waits in line)."""
+
+    seq: int
+    unworkable_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,9 +145,10 @@ class Scripts:
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, job_id: str, service: str, priority: int, fields: dict[str, str],
-               job_class: RequirementClass | None = None, now_ms: int | None = None) -> int:
+               job_class: RequirementClass | None = None, now_ms: int | None = None) -> Submitted:
         """Create a pending job, in its requirement class's queue if it has one (recording the class), else in
-        its service's queue; returns its sequence number.
+        its service's queue; or, if no registered worker offered its service within OFFERED_WINDOW_MS, an
+        `unworkable` one, out of line until such a worker registers.
 
         Raises:
             JobExists: a job with this id exists.
@@ -141,7 +156,7 @@ class Scripts:
         reply = self._call("submit_job", *self._submit_call(job_id, service, priority, fields, job_class), now_ms)
         if reply[0] == "exists":
             raise JobExists(job_id)
-        return int(reply[1])
+        return Submitted(int(reply[1]), str(reply[2]))
 
     def submit_into(self, pipe: redis.client.Pipeline, job_id: str, service: str, priority: int,
                     fields: dict[str, str], job_class: RequirementClass | None = None,
@@ -157,12 +172,12 @@ class Scripts:
         k = self.keys
         flat = [item for pair in fields.items() for item in pair]
         keys = [k.job(job_id), job_class.queue if job_class else k.pending_service(service), k.seq,
-                k.index_service(service), k.services]
+                k.index_service(service), k.services, k.services_offered, k.unoffered(service)]
         if job_class is None:
-            return keys, [job_id, service, priority, "", "", *flat]
+            return keys, [job_id, service, priority, "", "", OFFERED_WINDOW_MS, *flat]
         keys += [k.requirement_class(job_class.id), k.requirement_classes(service), k.classes_version,
                  k.classes_used]
-        return keys, [job_id, service, priority, job_class.id, job_class.record(), *flat]
+        return keys, [job_id, service, priority, job_class.id, job_class.record(), OFFERED_WINDOW_MS, *flat]
 
     def claim(self, worker_id: str, queues: list[str], count: int, lease_ms: int,
               now_ms: int | None = None, services: Sequence[str] = ()) -> ClaimResult:
@@ -268,18 +283,65 @@ class Scripts:
         k = self.keys
         return int(self._call("prune_classes", [k.classes_used, k.classes_version],
                               [idle_ms, limit, k.requirement_class_prefix, k.requirement_classes_prefix,
-                               k.unworkable_prefix], now_ms))
+                               k.unworkable_prefix, k.unoffered_prefix], now_ms))
+
+    def mark_unworkable(self, queue: str, unworkable_key: str, reason: str, *, unoffered_service: str = "",
+                        now_ms: int | None = None) -> int:
+        """Move the pending jobs of a claim queue out of line into `unworkable_key` as `unworkable`, with the
+        reason; returns how many. With `unoffered_service` (the queue's service), only if no registered worker
+        offered it within OFFERED_WINDOW_MS, checked atomically, and the reason names the services offered."""
+        keys, args = [queue, unworkable_key], [reason, UNWORKABLE_BATCH]
+        if unoffered_service:
+            keys, args = [*keys, self.keys.services_offered], [*args, unoffered_service, OFFERED_WINDOW_MS]
+        total = 0
+        while True:
+            marked, left = self._call("mark_unworkable", keys, args, now_ms)
+            total += int(marked)
+            if int(left) == 0:  # each call takes its batch off the queue, so this ends
+                return total
+
+    def revive_unworkable(self, unworkable_key: str, message: str, now_ms: int | None = None) -> int:
+        """Put the jobs of `unworkable_key` back in line, each at its place; returns how many."""
+        total = 0
+        while True:
+            revived, left = self._call("revive_unworkable", [unworkable_key], [message, UNWORKABLE_BATCH], now_ms)
+            total += int(revived)
+            if int(left) == 0:
+                return total
 
     # -- workers ----------------------------------------------------------------------------------------
     def _worker_keys(self, worker_id: str) -> list[str]:
         k = self.keys
         return [k.worker(worker_id), k.worker_heartbeat(worker_id), k.workers_active, k.worker_jobs(worker_id)]
 
+    def _offer_call(self, worker_id: str, fields: dict[str, str],
+                    offers: Mapping[str, str] | None) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of a worker's services (see `offer` in _lib.lua). Without `offers` (service → ''
+        when healthy, else its health error) they are the services its capabilities list, healthy."""
+        if offers is None:
+            try:
+                caps = orjson.loads(fields.get("capabilities") or "{}")
+            except orjson.JSONDecodeError:
+                caps = {}
+            listed = caps.get("services") if isinstance(caps, dict) else None
+            offers = {str(s): "" for s in listed} if isinstance(listed, list) else {}
+        k = self.keys
+        keys = [*self._worker_keys(worker_id), k.services_offered, k.services_serving, k.services_unhealthy,
+                *(k.unoffered(s) for s in offers)]
+        return keys, [len(offers), *(item for pair in offers.items() for item in pair)]
+
     def register_worker(self, worker_id: str, ttl_s: int, fields: dict[str, str],
-                        now_ms: int | None = None) -> int:
-        """Register a worker; returns how many jobs an earlier process with this id left behind (recovered)."""
+                        offers: Mapping[str, str] | None = None, now_ms: int | None = None) -> int:
+        """Register a worker; returns how many jobs an earlier process with this id left behind (recovered).
+
+        Its services (`offers`: service → '' when healthy, else its health error; by default those its
+        capabilities list) count as offered from now on, and their unworkable jobs go back in line."""
         flat = [item for pair in fields.items() for item in pair]
-        reply = self._call("register_worker", self._worker_keys(worker_id), [worker_id, ttl_s, *flat], now_ms)
+        keys, offered = self._offer_call(worker_id, fields, offers)
+        reply = self._call("register_worker", keys, [worker_id, ttl_s, *offered, *flat], now_ms)
+        if int(reply[2]):  # more than one batch waited: the rest, a batch per call
+            for key in keys[7:]:
+                self.revive_unworkable(key, f"worker {worker_id} offers its service", now_ms)
         return int(reply[1])
 
     def deregister_worker(self, worker_id: str, now_ms: int | None = None) -> int:
@@ -287,15 +349,18 @@ class Scripts:
         return int(reply[1])
 
     def heartbeat_worker(self, worker_id: str, ttl_s: int, lease_ms: int, fields: dict[str, str],
-                         running: dict[str, str] | None = None, now_ms: int | None = None) -> Beat | None:
-        """Refresh the heartbeat and the leases of `running` (job id → attempt).
+                         running: dict[str, str] | None = None, offers: Mapping[str, str] | None = None,
+                         now_ms: int | None = None) -> Beat | None:
+        """Refresh the heartbeat, the leases of `running` (job id → attempt) and the worker's services
+        (`offers`, as for `register_worker`).
 
         Returns None if the worker is not registered (it must register again).
         """
         flat = [item for pair in fields.items() for item in pair]
         jobs = [item for pair in (running or {}).items() for item in pair]
-        reply = self._call("heartbeat_worker", self._worker_keys(worker_id),
-                           [worker_id, ttl_s, lease_ms, len(running or {}), *jobs, *flat], now_ms)
+        keys, offered = self._offer_call(worker_id, fields, offers)
+        reply = self._call("heartbeat_worker", keys,
+                           [worker_id, ttl_s, lease_ms, len(running or {}), *jobs, *offered, *flat], now_ms)
         if reply[0] == "unknown":
             return None
         orphans = [str(item) for item in reply[3]]

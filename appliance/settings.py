@@ -189,6 +189,7 @@ class ApiSettings:
     client_queue_size: int = 1000
     ws_max_message_bytes: int = 1024 * 1024
     ws_ping_interval_s: float = 25.0
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
@@ -207,6 +208,7 @@ class ApiSettings:
             client_queue_size=e.int("API_CLIENT_QUEUE_SIZE", 1000, 1, 1_000_000),
             ws_max_message_bytes=e.int("API_WS_MAX_MESSAGE_BYTES", 1024 * 1024, 1024, 1024**3),
             ws_ping_interval_s=e.float("API_WS_PING_SECONDS", 25.0, 0.5, 3600),
+            access_log=e.bool("API_ACCESS_LOG", False),
         )
 
 

@@ -125,11 +125,20 @@ class Worker:
             "last_heartbeat_ms": str(clock.now_ms()),
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
         }
-        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields)
+        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields, self.offers())
         log.info("worker registered id=%s services=%s max_concurrent=%d", self.id, ",".join(self.services),
                  self.settings.max_concurrent_jobs)
         if orphans:
             log.warning("recovered %d jobs an earlier process of worker %s left running", orphans, self.id)
+
+    def offers(self) -> dict[str, str]:
+        """The services this worker is configured for: '' for each healthy one, else why it is not (the
+        connector's health error), which jobs waiting for it show (appliance/queue.py `waiting_reason`)."""
+        offers = {}
+        for service in self.services:
+            connector = self.by_service[service]
+            offers[service] = "" if connector.healthy() else connector.health_error() or "its health check fails"
+        return offers
 
     def run(self) -> None:
         """Register, then claim and run jobs until told to stop; hand back what is left; deregister."""
@@ -397,15 +406,16 @@ class Worker:
     def heartbeat(self, now_ms: int | None = None) -> None:
         """Refresh heartbeat, telemetry and leases; stop jobs whose lease was lost; re-register if unknown."""
         ms = clock.now_ms() if now_ms is None else now_ms
+        offers = self.offers()
         fields = {
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
             "capabilities": orjson.dumps(self.capabilities()).decode(),
-            "services": ",".join(s for s in self.services if self.by_service[s].healthy()),
+            "services": ",".join(s for s, error in offers.items() if not error),
             "last_heartbeat_ms": str(ms),
         }
         running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
         beat = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
-                                             fields, running, now_ms)
+                                             fields, running, offers, now_ms)
         if beat is None:
             log.warning("worker record missing (Redis restarted or flushed?): registering again")
             self.register()

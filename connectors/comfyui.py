@@ -93,6 +93,7 @@ class ComfyUIConnector(Connector):
                                    queue.completed_ttl_s)
         self.prompts: dict[str, str] = {}  # job id → its prompt id in ComfyUI
         self._healthy = False
+        self._health_error = "not checked yet"
         self._models: list[str] = []
         self._health_loop: gevent.Greenlet | None = None
 
@@ -108,6 +109,9 @@ class ComfyUIConnector(Connector):
     def healthy(self) -> bool:
         return self._healthy
 
+    def health_error(self) -> str:
+        return self._health_error
+
     def models(self) -> list[str]:
         return list(self._models)
 
@@ -116,8 +120,10 @@ class ComfyUIConnector(Connector):
         try:
             stats = self.http.json("GET", "/system_stats")
             ok = isinstance(stats, dict) and "system" in stats
+            self._health_error = "" if ok else f"ComfyUI at {self.http.base}: /system_stats answered {stats!r:.200}"
         except (OSError, ValueError) as exc:
             ok = False
+            self._health_error = f"ComfyUI at {self.http.base} does not answer: {exc}"
             if self._healthy:
                 log.warning("ComfyUI at %s is down (%s): not offering comfyui", self.http.base, exc)
         if ok and not self._healthy:

@@ -2,6 +2,9 @@
 # Values come from the API settings (API_PORT, API_BIND, API_PROCESSES, LOG_LEVEL, ...), parsed once.
 import sys
 
+from gunicorn.glogging import Logger
+
+from appliance.logs import log_format, setup_logging
 from appliance.settings import ApiSettings, SettingsError
 
 try:
@@ -26,8 +29,19 @@ keepalive = 5
 control_socket_disable = True                       # one per host by default; two appliances would clash
 
 # -- logging ---------------------------------------------------------------------------------------
+# gunicorn's lines and the app's in the format of every appliance log (time, level, program, logger).
+# A logger class rather than logconfig_dict: with logconfig_dict gunicorn builds the access-log fields of
+# every request even while the access log is off.
+class ApplianceLogger(Logger):
+    error_fmt = log_format("api %(process)d")
+    access_fmt = log_format("api %(process)d")  # its message is the request in access_log_format
+    datefmt = None                                  # logging's default, as in the workers' lines
+
+
+setup_logging(_settings.queue.log_level, "api %(process)d")  # the app's loggers (the root logger)
+logger_class = ApplianceLogger
 errorlog = "-"
-accesslog = None
+accesslog = "-" if _settings.access_log else None   # API_ACCESS_LOG=1: one line per request
 loglevel = _settings.queue.log_level
 proc_name = "appliance-api"
 

@@ -163,6 +163,9 @@ def measure(queue: Any, port: int, subscribers: int, kind: str, round_s: float =
 
     scripts, keys = queue.scripts, queue.keys
     worker = f"bench-fanout-{os.getpid()}"
+    # it offers SERVICE (else the jobs are unworkable at submit), registered and gone at once: offered for a while
+    scripts.register_worker(worker, 60, {}, {SERVICE: ""})
+    scripts.deregister_worker(worker)
     job_ids = [queue.submit(JobSpec.parse({"service_required": SERVICE})) for _ in range(JOBS)]
     claimed = scripts.claim(worker, [keys.pending_service(SERVICE)], JOBS, 600_000)
     attempts = {job.id: job.attempt for job in claimed.jobs}

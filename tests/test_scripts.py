@@ -23,6 +23,16 @@ T0 = 1_800_000_000_000  # a fixed "now" (epoch ms) for scripts whose clock the t
 LEASE_MS = 20_000
 
 
+SERVICES = ("sim", "other", "third", "a", "b", "simulation", "nope")
+
+
+@pytest.fixture(autouse=True)
+def offered(client: redis.Redis) -> None:
+    """The services these tests submit to count as offered by a worker (at T0, which is later than the real
+    now): their jobs wait in line. The tests of jobs nobody can serve remove this."""
+    client.zadd(Keys().services_offered, dict.fromkeys(SERVICES, T0))
+
+
 def submit(queue: Queue, job_id: str, service: str = "sim", priority: int = 50, max_retries: int = 3,
            now_ms: int = T0) -> str:
     queue.scripts.submit(job_id, service, priority, {"max_retries": str(max_retries), "payload": "{}"},
@@ -69,8 +79,8 @@ def events(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, str]]
 # -- submission and ordering ----------------------------------------------------------------------------
 def test_submit_stores_job_and_puts_it_in_line(queue: Queue, client: redis.Redis) -> None:
     k = queue.keys
-    seq = queue.scripts.submit("j1", "sim", 7, {"max_retries": "2", "payload": '{"a":1}'}, now_ms=T0)
-    assert seq == 1
+    submitted = queue.scripts.submit("j1", "sim", 7, {"max_retries": "2", "payload": '{"a":1}'}, now_ms=T0)
+    assert submitted.seq == 1 and submitted.unworkable_reason == ""
     job = client.hgetall(k.job("j1"))
     assert job["id"] == "j1" and job["service_required"] == "sim" and job["priority"] == "7"
     assert job["status"] == "pending" and job["retry_count"] == "0" and job["max_retries"] == "2"

@@ -131,6 +131,7 @@ def test_partial_slots_claim_only_what_is_free(client: redis.Redis, settings: Qu
 
 
 def test_worker_ignores_services_it_does_not_serve(worker: Worker, queue: Queue, client: redis.Redis) -> None:
+    queue.scripts.register_worker("w2", 60, {}, {"comfyui": ""})  # another worker offers comfyui
     other = queue.submit(JobSpec.parse({"service_required": "comfyui", "priority": 1000}))
     assert worker.run_once() == 0
     assert client.hget(queue.keys.job(other), "status") == "pending"

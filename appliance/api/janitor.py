@@ -1,6 +1,7 @@
 """Background upkeep in each API process: jobs whose worker died are put back even when every live worker is
-busy (workers also do this; whoever comes first does it, atomically), expired jobs leave the indexes, and
-requirement classes left idle and empty are forgotten."""
+busy (workers also do this; whoever comes first does it, atomically), expired jobs leave the indexes,
+requirement classes left idle and empty are forgotten, and the jobs of services no worker offers any more become
+`unworkable` (and go back in line when one does)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Janitor(Periodic):
     def tick(self, n: int) -> None:
         self.queue.scripts.prune()  # finished jobs whose retention ran out leave the indexes even if nobody lists
         self.queue.classes.forget_idle()
+        self.queue.classes.sweep_services()
         recovery = self.queue.scripts.recover()
         if recovery.jobs or recovery.dead_workers:
             log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,

@@ -216,3 +216,75 @@ local function recover_expired(limit)
   end
   return #expired
 end
+
+-- Take a pending job (already out of its claim queue) out of line into `unworkable_key` (a zset with the
+-- claim queues' scores, so that it can go back where it was) as `unworkable`, with the reason.
+local function make_unworkable(job_id, seq, score, unworkable_key, reason)
+  redis.call('ZREM', K_PENDING, job_id)
+  redis.call('ZADD', unworkable_key, score, job_id)
+  set_status(job_id, 'pending', 'unworkable', seq, { 'unworkable_reason', reason, 'unworkable_at', NOW_ISO })
+  emit(job_id, { 'event', 'unworkable', 'status', 'unworkable', 'message', reason, 'error', reason })
+end
+
+-- Put up to `limit` of the best jobs of `unworkable_key` back in line, each at its own score and in the claim
+-- queue its `queue` field names; members no longer `unworkable` (cancelled meanwhile) are only removed.
+-- Returns how many went back.
+local function revive(unworkable_key, message, limit)
+  local heads = redis.call('ZREVRANGE', unworkable_key, 0, limit - 1, 'WITHSCORES')
+  local revived = 0
+  for i = 1, #heads, 2 do
+    local job_id, score = heads[i], heads[i + 1]
+    redis.call('ZREM', unworkable_key, job_id)
+    local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'seq', 'service_required', 'queue')
+    if job[1] == 'unworkable' then
+      set_status(job_id, 'unworkable', 'pending', job[2], { 'unworkable_reason', '', 'unworkable_at', '' })
+      emit(job_id, { 'event', 'requeued', 'status', 'pending', 'message', message, 'progress', 0 })
+      enqueue(job_id, job[3], job[4], score)
+      revived = revived + 1
+    end
+  end
+  return revived
+end
+
+-- Services offered by workers. A service counts as offered while a registered worker had it configured
+-- within the window (ARGV of the caller, ms), so that a worker restarting does not turn its jobs unworkable.
+-- Nil if `service` was offered since `since_ms`, or if no service was (no worker at all: the appliance is
+-- starting or its workers are down, which is no judgement on the service; its jobs wait, and say why, see
+-- appliance/queue.py); else why its jobs cannot be served, naming the services offered.
+local function unoffered(offered_key, service, since_ms)
+  local last = tonumber(redis.call('ZSCORE', offered_key, service))
+  if last and last >= since_ms then return nil end
+  local known = redis.call('ZRANGEBYSCORE', offered_key, since_ms, '+inf')
+  if #known == 0 then return nil end
+  table.sort(known)
+  return "no registered worker offers service '" .. service .. "'; offered: " .. table.concat(known, ', ')
+end
+
+-- A registered worker's services, as its register or heartbeat reports them: ARGV[at] = n, then n pairs
+-- (service, '' when healthy on it or else its health error); KEYS[key_at ..] = workers:offered,
+-- workers:serving, workers:unhealthy, then jobs:unoffered:{service} of each service in order. Each counts as
+-- offered now; a healthy one as served now (its waiting note cleared); an unhealthy one, unless some worker
+-- served it within `fresh_ms`, gets the note of why its jobs wait. A batch (1000) of the unworkable jobs of
+-- each goes back in line. Returns the index of the ARGV after the pairs, and how many unworkable jobs are left
+-- (for the caller to revive with revive_unworkable).
+local function offer(worker_id, at, key_at, fresh_ms)
+  local offered_key, serving_key, unhealthy_key = KEYS[key_at], KEYS[key_at + 1], KEYS[key_at + 2]
+  local n, left = tonumber(ARGV[at]), 0
+  for i = 1, n do
+    local service, err = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
+    redis.call('ZADD', offered_key, NOW_MS, service)
+    if err == '' then
+      redis.call('ZADD', serving_key, NOW_MS, service)
+      redis.call('HDEL', unhealthy_key, service)
+    elseif (tonumber(redis.call('ZSCORE', serving_key, service)) or 0) < NOW_MS - fresh_ms then
+      redis.call('HSET', unhealthy_key, service,
+        "service '" .. service .. "' is configured on " .. worker_id .. ' but unhealthy: ' .. err)
+    end
+    local unoffered_key = KEYS[key_at + 2 + i]
+    if redis.call('ZCARD', unoffered_key) > 0 then
+      revive(unoffered_key, 'worker ' .. worker_id .. " offers service '" .. service .. "'", 1000)
+      left = left + redis.call('ZCARD', unoffered_key)
+    end
+  end
+  return at + 2 * n + 1, left
+end

@@ -1,12 +1,22 @@
--- mark_unworkable: move the pending jobs of a requirement class that no registered worker can serve out of
--- line, with status `unworkable` and the reason (they return with revive_unworkable).
--- KEYS[8] the class's claim queue          zset jobs:pending:{service}:req:{class id}
--- KEYS[9] the class's unworkable jobs      zset jobs:unworkable:{class id}, same scores
--- ARGV[FIRST_ARG] reason   ARGV[FIRST_ARG + 1] at most this many jobs per call
--- Members of the queue that are no longer pending are only removed from it.
--- Returns {jobs marked, jobs still in the queue}.
+-- mark_unworkable: move the pending jobs of a claim queue that no registered worker can serve out of line,
+-- with status `unworkable` and the reason (they return with revive_unworkable): the queue of a requirement
+-- class nobody can serve, or a queue of a service nobody offered lately.
+-- KEYS[8]  the claim queue         zset jobs:pending:{service}:req:{class id} or jobs:pending:{service}
+-- KEYS[9]  the unworkable jobs     zset jobs:unworkable:{class id} or jobs:unoffered:{service}, same scores
+-- for a service nobody offered only:
+-- KEYS[10] workers:offered         zset service -> when a worker last offered it (ms)
+-- ARGV[FIRST_ARG] reason ('' with KEYS[10]: it names the services offered)
+-- ARGV[FIRST_ARG + 1] at most this many jobs per call
+-- with KEYS[10] only: ARGV[FIRST_ARG + 2] the service   ARGV[FIRST_ARG + 3] offered window (ms)
+-- With KEYS[10], nothing is marked if the service was offered within the window (a worker registered since
+-- the caller looked). Members of the queue that are no longer pending are only removed from it.
+-- Returns {jobs marked, jobs still in the queue} ({0, 0} when the service is offered).
 local queue_key, unworkable_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local reason, limit = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1])
+if KEYS[FIRST_KEY + 2] then
+  reason = unoffered(KEYS[FIRST_KEY + 2], ARGV[FIRST_ARG + 2], NOW_MS - tonumber(ARGV[FIRST_ARG + 3]))
+  if not reason then return { 0, 0 } end
+end
 local heads = redis.call('ZREVRANGE', queue_key, 0, limit - 1, 'WITHSCORES')
 local marked = 0
 for i = 1, #heads, 2 do
@@ -14,10 +24,7 @@ for i = 1, #heads, 2 do
   redis.call('ZREM', queue_key, job_id)
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'seq')
   if job[1] == 'pending' then
-    redis.call('ZREM', K_PENDING, job_id)
-    redis.call('ZADD', unworkable_key, score, job_id)
-    set_status(job_id, 'pending', 'unworkable', job[2], { 'unworkable_reason', reason, 'unworkable_at', NOW_ISO })
-    emit(job_id, { 'event', 'unworkable', 'status', 'unworkable', 'message', reason, 'error', reason })
+    make_unworkable(job_id, job[2], score, unworkable_key, reason)
     marked = marked + 1
   end
 end

@@ -4,12 +4,15 @@
 -- ARGV[17] idle time (ms) after the last submit   ARGV[18] most classes to look at in this call
 -- ARGV[19] prefix of class records ("jobs:class:")   ARGV[20] prefix of a service's class set ("jobs:classes:")
 -- ARGV[21] prefix of a class's unworkable jobs ("jobs:unworkable:")
+-- ARGV[22] prefix of a service's jobs no worker offered ("jobs:unoffered:")
 -- A class with jobs still waiting (in its queue, unworkable, for a retry) or running is kept, and looked at
--- again after another idle time. A later submit records the class again (submit_job), so forgetting one never strands a job.
+-- again after another idle time; so is any class of a service with jobs waiting for a worker to offer it
+-- (they go back to their class's queue). A later submit records the class again (submit_job), so forgetting one never strands a job.
 -- Returns how many classes were forgotten (the version is bumped once if any were).
 local used_key, version_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local idle_ms, limit = tonumber(ARGV[FIRST_ARG]), tonumber(ARGV[FIRST_ARG + 1])
 local p_class, p_classes, p_unworkable = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
+local p_unoffered = ARGV[FIRST_ARG + 5]
 local idle = redis.call('ZRANGEBYSCORE', used_key, '-inf', NOW_MS - idle_ms, 'LIMIT', 0, limit)
 -- The claim queues of jobs that are running or waiting for a retry: such a job goes back to its class's
 -- queue, which must still be known then.
@@ -30,7 +33,8 @@ local forgotten = 0
 for _, class_id in ipairs(idle) do
   local text = redis.call('GET', p_class .. class_id)
   local record = text and cjson.decode(text)
-  if record and (in_use(record.queue) or redis.call('ZCARD', p_unworkable .. class_id) > 0) then
+  if record and (in_use(record.queue) or redis.call('ZCARD', p_unworkable .. class_id) > 0
+      or redis.call('ZCARD', p_unoffered .. record.service) > 0) then
     redis.call('ZADD', used_key, NOW_MS, class_id)
   else
     if record then redis.call('SREM', p_classes .. record.service, class_id) end

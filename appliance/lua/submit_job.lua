@@ -4,33 +4,38 @@
 -- KEYS[10] jobs:seq                   counter
 -- KEYS[11] jobs:index:service:{svc}   zset
 -- KEYS[12] jobs:services              set of every service ever submitted
+-- KEYS[13] workers:offered            zset: service -> when a registered worker last offered it (ms)
+-- KEYS[14] jobs:unoffered:{svc}       zset: the service's jobs that wait for a worker offering it
 -- with a requirement class only:
--- KEYS[13] jobs:class:{class id}      string, JSON of the class (service, requirements, customer_id, queue)
--- KEYS[14] jobs:classes:{service}     set of the service's class ids
--- KEYS[15] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
--- KEYS[16] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
+-- KEYS[15] jobs:class:{class id}      string, JSON of the class (service, requirements, customer_id, queue)
+-- KEYS[16] jobs:classes:{service}     set of the service's class ids
+-- KEYS[17] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
+-- KEYS[18] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
 -- ARGV[17] job id   ARGV[18] service   ARGV[19] priority (integer 0..1000000)
 -- ARGV[20] class id ('' for the service's own queue)   ARGV[21] class JSON ('' without a class)
--- ARGV[22..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- ARGV[22] offered window (ms): a service no registered worker offered for this long cannot be served now
+-- ARGV[23..] field, value pairs for the job hash (payload, requirements, ... already encoded)
 -- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
--- (the largest score, about 8.6e15, stays below 2^53).
--- Returns {"ok", seq} or {"exists"}.
+-- (the largest score, about 8.6e15, stays below 2^53). A job of a service not offered within the window is
+-- `unworkable` at once (with the reason, naming the services offered), out of line in jobs:unoffered:{svc}
+-- until a worker offering the service registers (register_worker).
+-- Returns {"ok", seq, reason or ''} or {"exists"}.
 local job_key = KEYS[FIRST_KEY]
 local job_id, service, priority = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], tonumber(ARGV[FIRST_ARG + 2])
 local class_id, class_record = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
 if redis.call('EXISTS', job_key) == 1 then return { 'exists' } end
 if class_id ~= '' then
-  if redis.call('SADD', KEYS[FIRST_KEY + 6], class_id) == 1 then
-    redis.call('SET', KEYS[FIRST_KEY + 5], class_record)
-    redis.call('INCR', KEYS[FIRST_KEY + 7])
+  if redis.call('SADD', KEYS[FIRST_KEY + 8], class_id) == 1 then
+    redis.call('SET', KEYS[FIRST_KEY + 7], class_record)
+    redis.call('INCR', KEYS[FIRST_KEY + 9])
   end
-  redis.call('ZADD', KEYS[FIRST_KEY + 8], NOW_MS, class_id)
+  redis.call('ZADD', KEYS[FIRST_KEY + 10], NOW_MS, class_id)
 end
 local seq = redis.call('INCR', KEYS[FIRST_KEY + 2])
 local span = 8589934592
 local score = string.format('%.0f', priority * span + (span - 1 - seq))
 local fields = {}
-for i = FIRST_ARG + 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = FIRST_ARG + 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 fields[#fields + 1] = 'queue'
 fields[#fields + 1] = KEYS[FIRST_KEY + 1]
 set_status(job_id, nil, 'pending', seq, { 'id', job_id, 'service_required', service, 'priority', priority,
@@ -42,6 +47,11 @@ redis.call('SADD', KEYS[FIRST_KEY + 4], service)
 redis.call('HINCRBY', K_STATS, 'submitted', 1)
 emit(job_id, { 'event', 'submitted', 'status', 'pending', 'service_required', service,
   'priority', priority, 'progress', 0 })
+local reason = unoffered(KEYS[FIRST_KEY + 5], service, NOW_MS - tonumber(ARGV[FIRST_ARG + 5]))
+if reason then
+  make_unworkable(job_id, seq, score, KEYS[FIRST_KEY + 6], reason)
+  return { 'ok', seq, reason }
+end
 -- Wake a worker only when the claim queue goes from empty to this one job (which an idle worker is then handed
 -- at once): a worker sleeps only after a claim that left its queues empty, and one that leaves jobs behind
 -- wakes the next (claim_job).
@@ -49,4 +59,4 @@ redis.call('ZADD', K_PENDING, score, job_id)
 if redis.call('ZADD', KEYS[FIRST_KEY + 1], score, job_id) == 1 and redis.call('ZCARD', KEYS[FIRST_KEY + 1]) == 1 then
   wake(service, KEYS[FIRST_KEY + 1], job_id)
 end
-return { 'ok', seq }
+return { 'ok', seq, '' }
