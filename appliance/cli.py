@@ -295,7 +295,7 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
         external = "" if recorded.get("embedded_redis", True) else " (external Redis)"
         print(f"workers registered: {len(workers)}{external}")
         for w in workers:
-            print(f"  {w['id']:<22} {w.get('status', '?'):<6} services={w.get('services', '')} "
+            print(f"  {w['id']:<22} {w.get('status', '?'):<6} services={','.join(w.get('services') or [])} "
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
                   f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s "
                   f"gpu={gpu_owned(w)}")

@@ -1,11 +1,15 @@
 """The small interface every connector implements, and what a running job offers it.
 
 Connectors live in the top-level `connectors` package and are found by name through the
-`appliance.connectors` entry-point group (setup.cfg), never by a dotted path taken from the queue.
+`appliance.connectors` entry-point group (setup.cfg), never by a dotted path taken from the queue. A connector
+offers the service of its own name, and the API checks a job's payload at submit with the `check_payload` of
+the connector named like the job's service; so a connector module must import cheaply (nothing heavy at import
+time: the API loads it).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -14,6 +18,7 @@ from typing import Any, ClassVar
 
 import gevent.event
 
+from appliance.errors import ValidationError
 from appliance.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,14 @@ class Connector(ABC):
     def __init__(self, env: Mapping[str, str]):
         self.env = env
 
+    @classmethod
+    def check_payload(cls, payload: dict[str, Any]) -> None:
+        """Refuse, at submit, a payload this connector could not run (the API calls it without an instance).
+
+        Raises:
+            ValidationError: naming the field as `payload.<key>` and what is expected.
+        """
+
     @property
     def services(self) -> tuple[str, ...]:
         return (self.name,)
@@ -112,3 +125,45 @@ def connector_entry_points(names: tuple[str, ...]) -> dict[str, EntryPoint]:
 def load_connectors(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Connector]:
     """Instantiate the connectors named in WORKER_CONNECTORS; an unknown name is a settings error."""
     return {name: ep.load()(env) for name, ep in connector_entry_points(names).items()}
+
+
+@functools.cache
+def _payload_check(service: str) -> Callable[[dict[str, Any]], None] | None:
+    """The check_payload of the installed connector named `service` (loaded once per process), if any."""
+    found = entry_points(group="appliance.connectors", name=service)
+    if not found:
+        return None
+    cls = next(iter(found)).load()
+    return cls.check_payload if isinstance(cls, type) and issubclass(cls, Connector) else None
+
+
+def check_payload(service: str, payload: dict[str, Any]) -> None:
+    """Check a job's payload for its service's connector; a service no installed connector is named after (one
+    served by another appliance's workers, say) is not checked here.
+
+    Raises:
+        ValidationError: naming `payload.<key>`.
+    """
+    check = _payload_check(service)
+    if check is not None:
+        check(payload)
+
+
+def payload_number(payload: dict[str, Any], name: str, what: str, *, integer: bool = False,
+                   lo: float = 0, lo_open: bool = True, hi: float | None = None) -> float | None:
+    """`payload[name]` as a number checked against its bounds, or None when absent (for check_payload).
+
+    Raises:
+        ValidationError: naming `payload.<name>`, with `what` saying what is expected.
+    """
+    value = payload.get(name)
+    if value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and integer and isinstance(value, float):
+        ok = value.is_integer()
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        raise ValidationError(f"payload.{name}", f"expected {what}, got {value!r}")
+    return float(value)

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from appliance import clock
 from appliance.errors import ValidationError
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 1_000_000, 50
@@ -17,6 +18,8 @@ MAX_RETRIES_DEFAULT, MAX_RETRIES_MAX = 3, 100
 # No ":" in names: it separates the parts of Redis keys (jobs:pending:{service}:req:{class}).
 SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CUSTOMER_MAX = 256
+EPOCH_MS_MAX = 2**53          # workflow_datetime: epoch ms, as JavaScript's Date.now()
+STEP_MAX = 1_000_000
 
 
 class JobStatus(StrEnum):
@@ -51,6 +54,12 @@ def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
     if not lo <= value <= hi:
         raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {value}")
     return value
+
+
+def _digits(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """`body` with a string of digits under `name` read as the integer it spells (clients that send text)."""
+    value = body.get(name)
+    return {name: int(value)} if isinstance(value, str) and value.isdigit() else body
 
 
 def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
@@ -113,12 +122,14 @@ class JobSpec:
                 raise ValidationError("timeout_seconds", f"expected a number of seconds above 0, at most 604800, "
                                                          f"got {timeout!r}")
         workflow: dict[str, str] = {}
-        for name in ("workflow_id", "workflow_datetime", "step_number"):
-            text = _text(body, name, CUSTOMER_MAX)
-            if text:
-                workflow[name] = text
-        wf_priority = body.get("workflow_priority")
-        if wf_priority not in (None, "", 0):
+        workflow_id = _text(body, "workflow_id", CUSTOMER_MAX)
+        if workflow_id:
+            workflow["workflow_id"] = workflow_id
+        for name, hi in (("workflow_datetime", EPOCH_MS_MAX), ("step_number", STEP_MAX)):
+            if body.get(name) not in (None, ""):
+                workflow[name] = str(_int(_digits(body, name), name, 0, 0, hi))
+        # the Next.js monitor sends a blank "W. Priority" as 0: unset, as the original's `|| priority` read it
+        if body.get("workflow_priority") not in (None, "", 0):
             workflow["workflow_priority"] = str(_int(body, "workflow_priority", 0, PRIORITY_MIN, PRIORITY_MAX))
         return cls(
             service_required=service,
@@ -145,31 +156,85 @@ class JobSpec:
         return fields
 
 
-_INT_FIELDS = ("priority", "retry_count", "max_retries", "progress", "attempt", "current_step", "total_steps")
-_JSON_FIELDS = ("payload", "requirements", "result")
-_HIDDEN = ("seq", "score", "created_ms")
+# -- stored record → wire -------------------------------------------------------------------------------------
+# Redis hashes and stream entries hold strings. Every reader turns them into their wire types here, through
+# one declared table per record; a field not named in a table is text. A stored value that does not read as
+# its declared type (a ComfyUI step label in current_step, say) is left out rather than sent in another type.
+INT, FLOAT, JSON, BOOL, TIME, LIST, HIDDEN = "int", "float", "json", "bool", "time", "list", "hidden"
+
+# A job hash (job:{id}) and its progress stream entries (progress:{id}, events) share these names.
+JOB_FIELDS: dict[str, str] = {
+    "priority": INT, "retry_count": INT, "max_retries": INT, "attempt": INT, "progress": INT,
+    "current_step": INT, "total_steps": INT, "workflow_priority": INT, "workflow_datetime": INT,
+    "step_number": INT, "timeout_seconds": FLOAT,
+    "payload": JSON, "requirements": JSON, "result": JSON,
+    "will_retry": BOOL,
+    "created_at": TIME, "updated_at": TIME, "assigned_at": TIME, "started_at": TIME, "completed_at": TIME,
+    "failed_at": TIME, "cancelled_at": TIME, "unworkable_at": TIME, "retry_at": TIME, "cancel_requested": TIME,
+    "seq": HIDDEN, "score": HIDDEN, "created_ms": HIDDEN,
+}
+
+# A worker hash (worker:{id}).
+WORKER_FIELDS: dict[str, str] = {
+    "current_jobs": INT, "total_jobs_completed": INT, "total_jobs_failed": INT, "max_concurrent_jobs": INT,
+    "lease_ms": INT, "pid": INT,
+    "capabilities": JSON, "telemetry": JSON,
+    "services": LIST, "connectors": LIST,
+    "connected_at": TIME, "last_heartbeat": TIME, "last_status_change": TIME,
+    "last_heartbeat_ms": HIDDEN,
+}
+
+_MISSING = object()
+
+
+def _value(kind: str, text: str) -> Any:
+    """One stored string as its wire type, or _MISSING if it does not read as one."""
+    try:
+        if kind == INT:
+            return int(text)
+        if kind == FLOAT:
+            return float(text)
+        if kind == JSON:
+            return orjson.loads(text)
+        if kind == BOOL:
+            return {"true": True, "1": True, "false": False, "0": False}[text]
+        if kind == LIST:
+            return [part for part in text.split(",") if part]
+        if kind == TIME:   # stored as ISO 8601 UTC, or as epoch ms (retry_at)
+            return clock.iso(int(text)) if text.isdigit() else text
+    except (ValueError, KeyError, orjson.JSONDecodeError):
+        return _MISSING
+    return text
+
+
+def decode(fields: dict[str, str], table: dict[str, str]) -> dict[str, Any]:
+    """Stored fields in their wire types by `table`; hidden fields and empty values (except lists) left out."""
+    out: dict[str, Any] = {}
+    for name, text in fields.items():
+        kind = table.get(name, "")
+        if kind == HIDDEN or (text == "" and kind != LIST):
+            continue
+        value = _value(kind, text)
+        if value is not _MISSING:
+            out[name] = value
+    return out
 
 
 def public_job(fields: dict[str, str]) -> dict[str, Any]:
-    """A stored job hash as clients see it: numbers as numbers, JSON fields parsed, empty fields left out."""
-    job: dict[str, Any] = {}
-    for name, value in fields.items():
-        if name in _HIDDEN or value == "":
-            continue
-        if name in _INT_FIELDS:
-            try:
-                job[name] = int(value)
-            except ValueError:
-                job[name] = value
-        elif name in _JSON_FIELDS:
-            try:
-                job[name] = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                job[name] = value
-        elif name == "timeout_seconds":
-            job[name] = float(value)
-        else:
-            job[name] = value
+    """A stored job hash as clients see it (JOB_FIELDS), with `progress` always and `job_type` as the original's
+    alias of service_required."""
+    job = decode(fields, JOB_FIELDS)
     job.setdefault("progress", 0)
     job["job_type"] = fields.get("service_required", "")
     return job
+
+
+def public_worker(worker_id: str, fields: dict[str, str], heartbeat_ttl_s: int, now_ms: int) -> dict[str, Any]:
+    """A worker hash as clients see it (WORKER_FIELDS), with `alive`, `heartbeat_ttl_s` and `heartbeat_age_s`
+    (seconds) from its heartbeat."""
+    worker: dict[str, Any] = {"id": worker_id, **decode(fields, WORKER_FIELDS)}
+    worker["alive"] = heartbeat_ttl_s > 0
+    worker["heartbeat_ttl_s"] = max(heartbeat_ttl_s, 0)
+    beat = fields.get("last_heartbeat_ms", "")
+    worker["heartbeat_age_s"] = round((now_ms - int(beat)) / 1000, 3) if beat.isdigit() else None
+    return worker

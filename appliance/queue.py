@@ -7,13 +7,12 @@ import logging
 import uuid
 from typing import Any, cast
 
-import orjson
 import redis
 
 from appliance import clock
 from appliance.classes import ClassBook
 from appliance.errors import JobExists
-from appliance.jobs import STATUS_VALUES, JobSpec, JobStatus, public_job
+from appliance.jobs import STATUS_VALUES, JobSpec, JobStatus, public_job, public_worker
 from appliance.keys import Keys
 from appliance.matching import parse_requirements
 from appliance.scripts import OFFERED_WINDOW_MS, Scripts
@@ -169,27 +168,3 @@ class Queue:
                 continue
             workers.append(public_worker(worker_id, fields, int(ttl), now))
         return workers
-
-
-_WORKER_JSON = ("capabilities", "telemetry")
-_WORKER_INT = ("current_jobs", "total_jobs_completed", "total_jobs_failed", "max_concurrent_jobs", "pid")
-
-
-def public_worker(worker_id: str, fields: dict[str, str], heartbeat_ttl_s: int, now_ms: int) -> dict[str, Any]:
-    """A worker hash as clients see it, with `alive` and `heartbeat_age_s` from its heartbeat key."""
-    worker: dict[str, Any] = {"id": worker_id}
-    for name, value in fields.items():
-        if name in _WORKER_JSON:
-            try:
-                worker[name] = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                worker[name] = value
-        elif name in _WORKER_INT:
-            worker[name] = int(value) if value.lstrip("-").isdigit() else value
-        else:
-            worker[name] = value
-    worker["alive"] = heartbeat_ttl_s > 0
-    worker["heartbeat_ttl_s"] = max(heartbeat_ttl_s, 0)
-    beat = fields.get("last_heartbeat_ms", "")
-    worker["heartbeat_age_s"] = round((now_ms - int(beat)) / 1000, 3) if beat.isdigit() else None
-    return worker

@@ -2,9 +2,10 @@
 
 Settings (the original's): WORKER_SIMULATION_PROCESSING_TIME (seconds, default 5),
 WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, default 0).
-Per-job overrides in the payload: `duration` (ms, as the guide's curl sends) or `simulation_time`
-(seconds, as the monitor sends), `steps`, `fail` (true: every attempt fails; a number n: the first n
-attempts fail), `fail_retryable` (false: the failure is final).
+Per-job overrides in the payload, checked at submit (`check_payload`): `duration` (ms, as the guide's curl
+sends) or `simulation_time` (seconds, as the monitor sends), each above 0 and at most a day; `steps` (1 to
+100000); `fail` (true: every attempt fails; false; an integer n >= 0: the first n attempts fail);
+`fail_retryable` (false: the failure is final).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from appliance.connector import Connector, ConnectorError, JobContext
+from appliance.connector import Connector, ConnectorError, JobContext, payload_number
+from appliance.errors import ValidationError
 from appliance.settings import Env
 
 MODELS = ["simulation-model-v1", "simulation-model-v2", "test-model"]
+MAX_DURATION_S, MAX_STEPS = 86400, 100_000
 
 
 class SimulationConnector(Connector):
@@ -29,6 +32,19 @@ class SimulationConnector(Connector):
         self.processing_time_s = e.float("WORKER_SIMULATION_PROCESSING_TIME", 5.0, 0, 86400)
         self.steps = e.int("WORKER_SIMULATION_STEPS", 10, 0, 100_000)
         self.failure_rate = e.float("WORKER_SIMULATION_FAILURE_RATE", 0.0, 0, 1)
+
+    @classmethod
+    def check_payload(cls, payload: dict[str, Any]) -> None:
+        payload_number(payload, "duration", f"milliseconds above 0, at most {MAX_DURATION_S * 1000}",
+                       hi=MAX_DURATION_S * 1000)
+        payload_number(payload, "simulation_time", f"seconds above 0, at most {MAX_DURATION_S}", hi=MAX_DURATION_S)
+        payload_number(payload, "steps", f"an integer from 1 to {MAX_STEPS}", integer=True, hi=MAX_STEPS)
+        if not isinstance(payload.get("fail"), bool):
+            payload_number(payload, "fail", "true, false, or how many attempts fail (an integer from 0)",
+                           integer=True, lo_open=False)
+        retryable = payload.get("fail_retryable")
+        if retryable is not None and not isinstance(retryable, bool):
+            raise ValidationError("payload.fail_retryable", f"expected true or false, got {retryable!r}")
 
     def models(self) -> list[str]:
         return list(MODELS)
@@ -42,7 +58,7 @@ class SimulationConnector(Connector):
         steps = self.steps
         if _number(payload.get("steps")) is not None:
             steps = int(payload["steps"])
-        return max(0.0, min(duration_s, 86400.0)), max(0, min(steps, 100_000))
+        return max(0.0, min(duration_s, float(MAX_DURATION_S))), max(0, min(steps, MAX_STEPS))
 
     def run(self, job: JobContext) -> Any:
         duration_s, steps = self._plan(job.payload)

@@ -77,6 +77,7 @@ def client(redis_server: str) -> Iterator[redis.Redis]:
     conn.flushdb()
     yield conn
     conn.close()
+    conn.connection_pool.disconnect()   # close() leaves a pool passed in open; its sockets would leak
 
 
 @pytest.fixture()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,15 @@ class Api:
         finally:
             conn.close()
 
+    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", path, orjson.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, orjson.loads(resp.read())
+        finally:
+            conn.close()
+
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
@@ -97,6 +107,16 @@ def running_api(env_base: dict[str, str], **extra: str) -> Iterator[Api]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         log.unlink(missing_ok=True)
+
+
+def iso_utc(value: Any) -> bool:
+    """Whether `value` is an ISO 8601 time in UTC, as the appliance writes every `*_at` and `timestamp`."""
+    if not isinstance(value, str) or not value.endswith("Z"):
+        return False
+    try:
+        return datetime.fromisoformat(value).utcoffset() == timedelta(0)
+    except ValueError:
+        return False
 
 
 # -- SSE ---------------------------------------------------------------------------------------------------

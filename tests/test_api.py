@@ -201,6 +201,8 @@ def test_workers(api: falcon.testing.TestClient, client: redis.Redis, settings: 
     assert worker["id"] == "worker1-direct" and worker["status"] == "idle"
     assert worker["capabilities"] == capabilities
     assert worker["max_concurrent_jobs"] == 2 and worker["current_jobs"] == 0
+    assert worker["services"] == ["simulation"] and "last_heartbeat_ms" not in worker
+    assert worker["connected_at"].endswith("Z") and worker["last_heartbeat"].endswith("Z")
     assert worker["alive"] is True and 0 < worker["heartbeat_ttl_s"] <= 30
     assert isinstance(worker["heartbeat_age_s"], float) and worker["heartbeat_age_s"] > 0
 
@@ -250,6 +252,45 @@ def test_non_json_body_is_400_and_writes_nothing(api: falcon.testing.TestClient,
                                                  raw: bytes) -> None:
     assert_error(api.simulate_post("/api/jobs", body=raw, content_type="application/json"), 400, "body")
     assert client.dbsize() == 0
+
+
+BAD_OVERRIDES = [
+    ({"duration": -5}, "payload.duration"),
+    ({"duration": 0}, "payload.duration"),
+    ({"duration": "5000"}, "payload.duration"),
+    ({"duration": True}, "payload.duration"),
+    ({"duration": 86_400_001}, "payload.duration"),
+    ({"simulation_time": -1}, "payload.simulation_time"),
+    ({"simulation_time": "5"}, "payload.simulation_time"),
+    ({"steps": 0}, "payload.steps"),
+    ({"steps": 2.5}, "payload.steps"),
+    ({"steps": "3"}, "payload.steps"),
+    ({"steps": 100_001}, "payload.steps"),
+    ({"fail": "yes"}, "payload.fail"),
+    ({"fail": -1}, "payload.fail"),
+    ({"fail": 1.5}, "payload.fail"),
+    ({"fail": [1]}, "payload.fail"),
+    ({"fail": 1, "fail_retryable": "no"}, "payload.fail_retryable"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), BAD_OVERRIDES, ids=[repr(p) for p, _ in BAD_OVERRIDES])
+def test_simulation_override_it_cannot_use_is_400(api: falcon.testing.TestClient, client: redis.Redis,
+                                                  payload: dict[str, Any], field: str) -> None:
+    result = post_job(api, {"service_required": "simulation", "payload": payload})
+    assert_error(result, 400, field)
+    assert client.dbsize() == 0
+
+
+def test_simulation_overrides_it_can_use_are_accepted(api: falcon.testing.TestClient) -> None:
+    for payload in ({"duration": 5000, "steps": 3, "fail": 2, "fail_retryable": False},
+                    {"simulation_time": 0.5, "steps": 1.0, "fail": True}, {"fail": 0}, {"fail": False},
+                    {"action": "test", "duration": 5000}):
+        result = post_job(api, {"service_required": "simulation", "payload": payload})
+        assert result.status_code == 201, (payload, result.text)
+    # a service no installed connector is named after has no payload check here; noop takes anything
+    for service in ("other", "noop"):
+        assert post_job(api, {"service_required": service, "payload": {"fail": "yes"}}).status_code == 201
 
 
 BAD_QUERIES = [

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, env_for, recv, recv_until, running_api, send, ws_connect
+from live_api import Api, FakeWorker, env_for, iso_utc, recv, recv_until, running_api, send, ws_connect
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_nextjs_monitor_events(api: Api, queue: Queue) -> None:
     submitted, _ = recv_until(ws, "job_submitted")
     assert submitted["job_id"] == job_id
     assert submitted["job_data"]["job_type"] == "simulation" and submitted["job_data"]["priority"] == 60
-    assert isinstance(submitted["job_data"]["created_at"], int)
+    assert iso_utc(submitted["job_data"]["created_at"])
     worker.claim()
     worker.progress(job_id, 40)
     worker.complete(job_id, {"ok": True})
@@ -95,7 +95,7 @@ def test_nextjs_monitor_events(api: Api, queue: Queue) -> None:
     progress = kinds[3]
     assert progress["progress"] == 40 and progress["worker_id"] == "w9" and progress["job_id"] == job_id
     assert kinds[4]["result"] == {"ok": True} and kinds[9]["error"] == "boom"
-    assert all(isinstance(m["timestamp"], int) for m in kinds)
+    assert all(iso_utc(m["timestamp"]) for m in kinds)
     ws.close()
 
 
@@ -135,7 +135,7 @@ def test_simple_monitor_gets_stats_broadcast_without_asking(api: Api, queue: Que
     active = broadcast["system"]["jobs"]["active_jobs"]
     assert [(j["id"], j["status"], j["progress"], j["worker_id"]) for j in active] == [
         (job_id, "processing", 50, "fake-worker-gpu0")]
-    assert isinstance(active[0]["created_at"], float)
+    assert iso_utc(active[0]["created_at"])
     assert broadcast["system"]["jobs"]["status"]["active"] == 1
     worker.progress(job_id, 75)
     update, _ = recv_until(ws, "update_job_progress")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, close_frame, env_for, recv, recv_until, running_api, send, ws_connect
+from live_api import Api, FakeWorker, close_frame, env_for, iso_utc, recv, recv_until, running_api, send, ws_connect
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_bad_input_gets_error_and_connection_keeps_working(api: Api, queue: Queu
         "not json", "[1, 2]", '{"no": "type"}', '{"type": "launch_rockets"}',
         '{"type": "subscribe_progress"}',
         '{"type": "subscribe_progress", "job_id": "nope"}', '{"type": "submit_job", "data": {"priority": 1}}',
-        '{"type": "submit_job", "service_required": "simulation"}', b"\x00\x01binary",
+        '{"type": "submit_job"}', '{"type": "submit_job", "data": "simulation"}', b"\x00\x01binary",
         '{"type": "subscribe_progress", "job_id": "x", "last_event_id": "bad"}',
     ]
     for case in cases:
@@ -121,6 +121,57 @@ def test_bad_input_gets_error_and_connection_keeps_working(api: Api, queue: Queu
     assert recv(ws)["type"] == "job_submitted"
     ws.send("x" * 70000)                                # API_WS_MAX_MESSAGE_BYTES=65536 in these tests
     assert close_frame(ws)[0] == 1009
+    ws.close()
+
+
+SUBMIT_PATHS = ["/", "/ws/client/shape-client", "/ws/monitor/shape-monitor"]
+
+
+@pytest.mark.parametrize("path", SUBMIT_PATHS)
+def test_every_socket_takes_submit_fields_top_level_or_under_data(api: Api, queue: Queue, path: str) -> None:
+    """The guide's shapes on every socket; the message's own `type` is never read as the job's service."""
+    ws = ws_connect(api, path)
+    recv(ws)
+    shapes = [
+        {"type": "submit_job", "id": "a", "data": {"service_required": "simulation", "priority": 7,
+                                                   "payload": {"steps": 2}}},
+        {"type": "submit_job", "id": "b", "job_type": "simulation", "priority": 7, "payload": {"steps": 2},
+         "timestamp": 1796007933085},
+        {"type": "submit_job", "id": "c", "data": {"type": "simulation", "priority": 7, "payload": {"steps": 2}}},
+        {"type": "submit_job", "id": "d", "service_required": "noop", "priority": 1,
+         "data": {"service_required": "simulation", "priority": 7, "payload": {"steps": 2}}},
+    ]
+    for shape in shapes:
+        send(ws, shape)
+        reply, _ = recv_until(ws, "job_submitted")
+        assert reply["message_id"] == shape["id"]
+        job = queue.get(reply["job_id"])
+        assert job is not None, shape
+        assert (job["service_required"], job["priority"], job["payload"]) == ("simulation", 7, {"steps": 2}), shape
+        assert job["status"] == "pending" and "timestamp" not in job
+    ws.close()
+
+
+@pytest.mark.parametrize("path", SUBMIT_PATHS)
+def test_submit_that_cannot_be_run_is_an_error_and_stores_nothing(api: Api, queue: Queue, path: str) -> None:
+    ws = ws_connect(api, path)
+    recv(ws)
+    cases = [
+        ({"type": "submit_job", "id": "x1", "data": {"priority": 5, "payload": {"steps": 2}}}, "service_required"),
+        ({"type": "submit_job", "id": "x2", "priority": 5}, "service_required"),
+        ({"type": "submit_job", "id": "x3", "data": {"job_type": ""}}, "service_required"),
+        ({"type": "submit_job", "id": "x4", "data": ["simulation"]}, "data"),
+        ({"type": "submit_job", "id": "x5", "job_type": "simulation", "payload": {"fail": "yes"}}, "payload.fail"),
+        ({"type": "submit_job", "id": "x6", "data": {"job_type": "simulation", "payload": {"duration": -5}}},
+         "payload.duration"),
+    ]
+    for message, field in cases:
+        send(ws, message)
+        reply, _ = recv_until(ws, "error")
+        assert reply["field"] == field and field in reply["error"] and reply["message_id"] == message["id"]
+    k = queue.keys
+    assert queue.client.keys(k.job("*")) == [] and queue.client.zcard(k.index_all) == 0
+    assert queue.client.xlen(k.events) == 0 and queue.client.get(k.seq) is None
     ws.close()
 
 
@@ -151,7 +202,7 @@ def test_client_socket_pushes_its_jobs_events(api: Api, queue: Queue) -> None:
     got = [recv(ws) for _ in range(5)]
     assert [m["type"] for m in got] == ["job_assigned", "job_status_changed", "update_job_progress",
                                         "update_job_progress", "complete_job"]
-    assert all(m["job_id"] == job_id and isinstance(m["timestamp"], int) for m in got)
+    assert all(m["job_id"] == job_id and iso_utc(m["timestamp"]) for m in got)
     assert got[0]["worker_id"] == "w1" and got[1]["new_status"] == "in_progress"
     assert [got[2]["progress"], got[3]["progress"]] == [25, 75]
     assert got[4]["result"] == {"url": "x"}

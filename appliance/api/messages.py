@@ -1,6 +1,7 @@
 """How one stream entry reads on each wire: SSE frames and the legacy, client, monitor and hub-era messages.
 
-Stream entries hold strings; every wire gets numbers as numbers, `result` parsed, and a `timestamp`. Where the
+Stream entries hold strings; every wire gets them in the types of appliance.jobs.JOB_FIELDS (numbers as
+numbers, `result` as an object, every `*_at` and `timestamp` ISO 8601 UTC). Where the
 original system sent the same event under two names, each kind of client gets the name it expects:
 `job_progress`/`job_completed` on the monitor socket (the Next.js monitor), `update_job_progress`/
 `complete_job` on the client socket and to hub-era monitors (the simple monitor).
@@ -8,63 +9,36 @@ original system sent the same event under two names, each kind of client gets th
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import orjson
 
 from appliance import clock
 from appliance.api.fanout import Entry
+from appliance.jobs import JOB_FIELDS, decode
 
 TERMINAL_EVENTS = frozenset({"completed", "failed", "timeout", "cancelled"})
 FAILED_EVENTS = frozenset({"failed", "timeout", "cancelled"})
-_INTS = ("progress", "current_step", "total_steps", "retry_count", "max_retries", "attempt", "priority",
-         "retry_at")
-_TIMES = ("updated_at", "completed_at", "failed_at")
 
 
 def dumps(message: dict[str, Any]) -> str:
     return orjson.dumps(message).decode()
 
 
-def iso_ms(value: str | None) -> int | None:
-    """An ISO 8601 time as epoch ms (None when empty or unreadable)."""
-    if not value:
-        return None
-    try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    except ValueError:
-        return None
+def now() -> str:
+    """A message's `timestamp`: ISO 8601 UTC, on every wire."""
+    return clock.iso(clock.now_ms())
 
 
 def typed(fields: dict[str, str]) -> dict[str, Any]:
-    """Stream entry fields with numbers, booleans and the result decoded; empty fields left out."""
-    out: dict[str, Any] = {}
-    for name, value in fields.items():
-        if value == "":
-            continue
-        if name in _INTS:
-            try:
-                out[name] = int(value)
-            except ValueError:
-                out[name] = value
-        elif name == "will_retry":
-            out[name] = value == "true"
-        elif name == "result":
-            try:
-                out[name] = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                out[name] = value
-        else:
-            out[name] = value
-    return out
+    """A stream entry's fields in their wire types (appliance.jobs.JOB_FIELDS)."""
+    return decode(fields, JOB_FIELDS)
 
 
 # -- SSE ---------------------------------------------------------------------------------------------------
 def sse_frame(entry: Entry) -> bytes:
     """`id:`, `event:` and one `data:` line (JSON: the typed entry, plus its type and timestamp)."""
-    data = {"type": entry.event, "id": entry.id, **typed(entry.fields),
-            "timestamp": clock.iso(clock.now_ms())}
+    data = {"type": entry.event, "id": entry.id, **typed(entry.fields), "timestamp": now()}
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (entry.id.encode(), entry.event.encode(), orjson.dumps(data))
 
 
@@ -78,11 +52,12 @@ def sse_named(event: str, data: dict[str, Any]) -> bytes:
 
 # -- legacy socket (E0 `progress` frames; terminal events also under the E5 names) -------------------------
 def legacy(entry: Entry) -> list[str]:
-    now = clock.iso(clock.now_ms())
     fields = typed(entry.fields)
-    out = [dumps({"type": "progress", "job_id": entry.job_id, "id": entry.id, "event": entry.event,
-                  "status": fields.get("status"), "progress": fields.get("progress"),
-                  "data": entry.fields, "timestamp": now})]
+    message = {"type": "progress", "job_id": entry.job_id, "id": entry.id, "event": entry.event,
+               "status": fields.get("status"), "data": fields, "timestamp": now()}
+    if "progress" in fields:
+        message["progress"] = fields["progress"]
+    out = [dumps(message)]
     if entry.event == "completed":
         out.append(dumps(_complete_job(entry, fields)))
     elif entry.event in FAILED_EVENTS:
@@ -99,7 +74,7 @@ def _base(entry: Entry, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     message: dict[str, Any] = {"type": kind, "job_id": entry.job_id, "id": entry.id}
     if "worker_id" in fields:
         message["worker_id"] = fields["worker_id"]
-    message["timestamp"] = clock.now_ms()
+    message["timestamp"] = now()
     return message
 
 
@@ -116,7 +91,7 @@ def _complete_job(entry: Entry, fields: dict[str, Any], kind: str = "complete_jo
     message = _base(entry, kind, fields)
     message.update(status="completed", progress=100, result=fields.get("result"),
                    message=fields.get("message", ""),
-                   completed_at=iso_ms(entry.fields.get("completed_at")) or clock.now_ms())
+                   completed_at=fields.get("completed_at") or fields.get("updated_at"))
     return message
 
 
@@ -124,7 +99,7 @@ def _job_failed(entry: Entry, fields: dict[str, Any], kind: str) -> dict[str, An
     message = _base(entry, kind, fields)
     message.setdefault("worker_id", None)
     message.update(status=entry.event, error=fields.get("error", ""),
-                   failed_at=iso_ms(entry.fields.get("failed_at") or entry.fields.get("updated_at")),
+                   failed_at=fields.get("failed_at") or fields.get("updated_at"),
                    retry_count=fields.get("retry_count", 0), will_retry=False)
     return message
 
@@ -144,7 +119,7 @@ def _client_messages(entry: Entry) -> list[dict[str, Any]]:
     if event == "assigned":
         message = _base(entry, "job_assigned", fields)
         message.update(old_status="pending", new_status="assigned",
-                       assigned_at=iso_ms(entry.fields.get("updated_at")))
+                       assigned_at=fields.get("updated_at"))
         return [message]
     if event == "in_progress":
         return [_status_changed(entry, fields, "assigned", "in_progress")]
@@ -184,7 +159,7 @@ def _worker_status(entry: Entry, worker_id: str, hub_names: bool) -> dict[str, A
     else:
         message.update(old_status="busy" if status == "idle" else "idle", new_status=status)
     message["current_job_id"] = current or None
-    message["timestamp"] = clock.now_ms()
+    message["timestamp"] = now()
     return message
 
 
@@ -196,28 +171,28 @@ def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
         out.append({"type": "worker_connected", "worker_id": fields.get("worker_id"),
                     "worker_data": entry.extra.get("worker_data") or {"status": "idle", "capabilities": {},
                                                                       "jobs_completed": 0, "jobs_failed": 0},
-                    "timestamp": clock.now_ms()})
+                    "timestamp": now()})
         return out
     if event == "worker_disconnected":
         out.append({"type": "worker_disconnected", "worker_id": fields.get("worker_id"),
-                    "timestamp": clock.now_ms()})
+                    "timestamp": now()})
         return out
     if event == "submitted":
         job = entry.extra.get("job") or {"id": entry.job_id, "job_type": fields.get("service_required"),
                                          "status": "pending", "priority": fields.get("priority"),
-                                         "created_at": iso_ms(entry.fields.get("updated_at"))}
+                                         "progress": 0, "created_at": fields.get("updated_at")}
         if hub:
             out.append({"type": "job_accepted", "job_id": entry.job_id, "status": "pending",
                         "job_type": job.get("job_type"), "priority": job.get("priority"),
-                        "timestamp": clock.now_ms()})
+                        "timestamp": now()})
         else:
             out.append({"type": "job_submitted", "job_id": entry.job_id, "job_data": job,
-                        "timestamp": clock.now_ms()})
+                        "timestamp": now()})
         return out
     if event == "assigned":
         message = _base(entry, "job_assigned", fields)
         message.update(old_status="pending", new_status="assigned",
-                       assigned_at=iso_ms(entry.fields.get("updated_at")))
+                       assigned_at=fields.get("updated_at"))
         out.append(message)
     elif event == "in_progress":
         out.append(_status_changed(entry, fields, "assigned", "processing"))

@@ -3,22 +3,22 @@ worker and job details added to `events` stream entries before they are handed o
 
 Shapes follow reference/monitor-clients.md: workers as an object keyed by worker id with flat capabilities;
 jobs in `{pending, active, completed, failed}` buckets with statuses the monitors display (`processing` for
-running jobs, `failed` for anything that ended without success); numeric progress always present.
+running jobs, `failed` for anything that ended without success); numeric progress always present. Records are
+decoded by appliance.jobs (public_job, public_worker), so values keep the types they have on every other wire.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import redis
 
 from appliance import clock
 from appliance.api.fanout import Entry
-from appliance.api.messages import iso_ms
-from appliance.jobs import public_job
+from appliance.api.messages import now as timestamp
+from appliance.jobs import public_job, public_worker
 from appliance.keys import Keys
-from appliance.queue import Queue, public_worker
+from appliance.queue import Queue
 
 SNAPSHOT_LIMIT = 250           # jobs per status in a snapshot
 BROADCAST_LIMIT = 50           # jobs per status in each stats_broadcast
@@ -44,7 +44,7 @@ def flat_capabilities(worker: dict[str, Any]) -> dict[str, Any]:
         "gpu_model": hardware.get("gpu_model") or "CPU",
         "cpu_cores": hardware.get("cpu_cores", 0),
         "ram_gb": hardware.get("ram_gb", 0),
-        "services": list(caps.get("services") or str(worker.get("services", "")).split(",")),
+        "services": list(caps.get("services") or worker.get("services") or []),
         "models": names,
         "customer_access": access.get("isolation", "loose"),
         "max_concurrent_jobs": worker.get("max_concurrent_jobs", performance.get("concurrent_jobs", 1)),
@@ -63,13 +63,14 @@ def monitor_worker(worker: dict[str, Any]) -> dict[str, Any]:
         "jobs_completed": worker.get("total_jobs_completed", 0),
         "jobs_failed": worker.get("total_jobs_failed", 0),
         "total_processing_time": 0,
-        "last_heartbeat": worker.get("heartbeat_ttl_s", 0),
+        "last_heartbeat": worker.get("last_heartbeat"),
+        "heartbeat_ttl_s": worker.get("heartbeat_ttl_s", 0),
         "telemetry": worker.get("telemetry"),  # psutil host figures and its GPU's NVML figures (issue 5)
     }
 
 
-def monitor_job(job: dict[str, Any], seconds: bool = False) -> dict[str, Any]:
-    """A public job as monitors show it; `created_at` in ms (seconds for the hub-era broadcast)."""
+def monitor_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A public job as monitors show it (their statuses, `job_type`, numeric `progress`)."""
     out = dict(job)
     status = job.get("status", "pending")
     if status in _BUCKETS["active"]:
@@ -79,20 +80,17 @@ def monitor_job(job: dict[str, Any], seconds: bool = False) -> dict[str, Any]:
         out["final_status"] = status
     out["id"] = job.get("id")
     out["job_type"] = job.get("service_required", job.get("job_type"))
-    out["progress"] = job.get("progress", 0) if isinstance(job.get("progress"), int) else 0
-    created = iso_ms(job.get("created_at")) if isinstance(job.get("created_at"), str) else None
-    if created is not None:
-        out["created_at"] = created / 1000 if seconds else created
+    out["progress"] = job.get("progress", 0)
     return out
 
 
-def job_buckets(queue: Queue, limit: int, seconds: bool = False) -> dict[str, list[dict[str, Any]]]:
+def job_buckets(queue: Queue, limit: int) -> dict[str, list[dict[str, Any]]]:
     buckets: dict[str, list[dict[str, Any]]] = {}
     for bucket, statuses in _BUCKETS.items():
         jobs: list[dict[str, Any]] = []
         for status in statuses:
             page, _ = queue.list(status, None, limit, 0)
-            jobs.extend(monitor_job(job, seconds) for job in page)
+            jobs.extend(monitor_job(job) for job in page)
         buckets[bucket] = jobs
     return buckets
 
@@ -122,14 +120,14 @@ def snapshot(queue: Queue) -> dict[str, Any]:
         "workers": {w["id"]: monitor_worker(w) for w in workers},
         "jobs": job_buckets(queue, SNAPSHOT_LIMIT),
         "system_stats": system_stats(queue, workers),
-        "timestamp": clock.now_ms(),
+        "timestamp": timestamp(),
     }
 
 
 def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str, Any]:
     """The hub-era `stats_broadcast` (the simple monitor rebuilds its whole view from each one)."""
     workers = live_workers(queue)
-    buckets = job_buckets(queue, BROADCAST_LIMIT, seconds=True)
+    buckets = job_buckets(queue, BROADCAST_LIMIT)
     counts = queue.counts()
     by_id = {}
     for w in workers:
@@ -138,8 +136,7 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
             "status": w.get("status", "idle"), "connection_status": "connected",
             "is_accepting_jobs": w.get("status") == "idle", "supported_job_types": caps["services"],
             "capabilities": caps, "connected_at": w.get("connected_at"),
-            "jobs_processed": (int(w.get("total_jobs_completed", 0) or 0)
-                               + int(w.get("total_jobs_failed", 0) or 0)),
+            "jobs_processed": w.get("total_jobs_completed", 0) + w.get("total_jobs_failed", 0),
             "last_heartbeat": w.get("last_heartbeat"), "current_job_id": w.get("current_job_id") or None,
         }
     failed = sum(counts.get(s, 0) for s in _BUCKETS["failed"])
@@ -163,7 +160,7 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
                                    "working": sum(1 for w in workers if w.get("status") == "busy")},
                         "active_workers": [w["id"] for w in workers if w.get("status") == "busy"]},
         },
-        "timestamp": clock.now_ms(),
+        "timestamp": timestamp(),
     }
 
 
@@ -207,7 +204,3 @@ def enricher(keys: Keys) -> Any:
                     entry.extra.setdefault("workers", {})[worker_id] = (status, current)
 
     return enrich
-
-
-def dumps(message: dict[str, Any]) -> str:
-    return orjson.dumps(message).decode()

@@ -10,6 +10,7 @@ import orjson
 import redis
 
 from appliance import clock
+from appliance.connector import check_payload
 from appliance.errors import JobNotFound, ValidationError
 from appliance.jobs import SERVICE_RE, STATUS_VALUES, JobSpec
 from appliance.queue import LIST_LIMIT_MAX, Queue
@@ -89,6 +90,7 @@ class JobCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         spec = JobSpec.parse(read_json(req, self.max_body_bytes))
+        check_payload(spec.service_required, spec.payload)
         job_id = self.queue.submit(spec)
         _ok(resp, {"job_id": job_id, "message": "Job submitted successfully"}, falcon.HTTP_201)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 
-from appliance import clock
 from appliance.api import messages, monitor
 from appliance.api.fanout import Entry
 from appliance.api.periodic import Periodic
@@ -130,6 +129,6 @@ class StatsTicker(Periodic):
                   if s.dialect == "monitor" and messages.topic_match("system_stats", s.topics)]
         if others and tick % 5 == 0:
             text = messages.dumps({"type": "system_stats", "stats": monitor.system_stats(self.live.queue),
-                                   "timestamp": clock.now_ms()})
+                                   "timestamp": messages.now()})
             for session in others:
                 session.push(text)

@@ -1,9 +1,9 @@
 """A WebSocket session: reads messages, answers them, and writes queued replies and job events in order.
 
 Replies and events go through one bounded queue drained by a writer greenlet, so a client sees them in the
-order they happened and the stream reader never waits on a client. The legacy and client sockets differ only
-in how a submission is read and which job events they are pushed (`LegacySession`, `ClientSession`); the
-monitor socket is in `ws_monitor`.
+order they happened and the stream reader never waits on a client. Every socket takes `submit_job` with the
+job fields at the top level or under `data`; the legacy and client sockets differ in which job events they
+are pushed (`LegacySession`, `ClientSession`); the monitor socket is in `ws_monitor`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import gevent
 import orjson
 import redis
 
-from appliance import clock
 from appliance.api import messages
 from appliance.api.connections import Registry
 from appliance.api.fanout import Entry, Hub, Raw, Subscriber, direct_result, valid_id, write_now
 from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket, text_frame
+from appliance.connector import check_payload
 from appliance.errors import JobFinished, JobNotFound, ValidationError
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
@@ -34,6 +34,18 @@ Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
 WRITE_BATCH = 64           # queued messages sent in one socket write
 MAX_SUBSCRIPTIONS = 1000   # jobs one connection may follow at once
+_ENVELOPE = frozenset({"type", "id", "message_id", "timestamp", "data"})
+
+
+def submission(message: dict[str, Any]) -> dict[str, Any]:
+    """A submit_job message's job fields, at its top level (the client socket's shape) and/or under `data` (the
+    legacy socket's), which wins. The message's own `type` is its kind, never the job's service; `type` under
+    `data` is still read as the original's alias of service_required."""
+    data = message.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValidationError("data", "expected an object of job fields (service_required, priority, "
+                                      "payload, ...), or send them at the top level of the message")
+    return {**{k: v for k, v in message.items() if k not in _ENVELOPE}, **(data or {})}
 
 
 @dataclass
@@ -50,7 +62,6 @@ class Session:
     """Base of the three socket kinds; subclasses add handlers and say how events are rendered."""
 
     kind = "legacy"
-    iso_timestamps = False
 
     def __init__(self, ws: WebSocket, live: Live, conn_id: str):
         self.ws = ws
@@ -99,13 +110,9 @@ class Session:
             self.ws.abort()
 
     # -- outgoing ------------------------------------------------------------------------------------------
-    def now(self) -> Any:
-        ms = clock.now_ms()
-        return clock.iso(ms) if self.iso_timestamps else ms
-
     def reply(self, kind: str, **fields: Any) -> None:
         """Queue a message of `type` kind (a timestamp is added)."""
-        self.push(messages.dumps({"type": kind, **fields, "timestamp": self.now()}))
+        self.push(messages.dumps({"type": kind, **fields, "timestamp": messages.now()}))
 
     def error(self, error: str, message: dict[str, Any] | None = None, **extra: Any) -> None:
         fields: dict[str, Any] = {"error": error, **extra}
@@ -218,8 +225,14 @@ class Session:
         return message.get("id", message.get("message_id"))
 
     # -- shared handlers -----------------------------------------------------------------------------------
-    def submit(self, message: dict[str, Any], body: Any) -> str:
-        job_id = self.live.queue.submit(JobSpec.parse(body))
+    def on_submit_job(self, message: dict[str, Any]) -> None:
+        self.submit(message)
+
+    def submit(self, message: dict[str, Any]) -> str:
+        """Check and store the job a submit_job message carries (nothing is stored if a check fails)."""
+        spec = JobSpec.parse(submission(message))
+        check_payload(spec.service_required, spec.payload)
+        job_id = self.live.queue.submit(spec)
         self.reply("job_submitted", job_id=job_id, message_id=self.message_id(message),
                    message="Job submitted successfully")
         return job_id
@@ -269,43 +282,33 @@ class Session:
         self.reply("pong", message_id=self.message_id(message))
 
     def common_handlers(self) -> dict[str, Handler]:
-        return {"subscribe_progress": self.on_subscribe_progress,
+        return {"submit_job": self.on_submit_job, "subscribe_progress": self.on_subscribe_progress,
                 "unsubscribe_progress": self.on_unsubscribe_progress,
                 "get_job_status": self.on_get_job_status, "cancel_job": self.on_cancel_job,
                 "ping": self.on_ping}
 
 
 class LegacySession(Session):
-    """Any path other than /ws/client and /ws/monitor: submit_job with its fields under `data`."""
+    """Any path other than /ws/client and /ws/monitor: follows the jobs it subscribes to."""
 
     kind = "legacy"
-    iso_timestamps = True
 
     def __init__(self, ws: WebSocket, live: Live):
         super().__init__(ws, live, str(uuid.uuid4()))
-        self.handlers = {"submit_job": self.on_submit_job, **self.common_handlers()}
-
-    def on_submit_job(self, message: dict[str, Any]) -> None:
-        data = message.get("data")
-        if not isinstance(data, dict):
-            raise ValidationError("data", "required: the job fields (service_required, priority, payload, "
-                                          "...) under \"data\"")
-        self.submit(message, data)
+        self.handlers = self.common_handlers()
 
 
 class ClientSession(Session):
-    """/ws/client/{client_id}: top-level submit fields; the jobs it submits push their events to it."""
+    """/ws/client/{client_id}: the jobs it submits push their events to it."""
 
     kind = "client"
 
     def __init__(self, ws: WebSocket, live: Live, client_id: str):
         super().__init__(ws, live, client_id)
-        self.handlers = {"submit_job": self.on_submit_job, "sync_job_state": self.on_get_job_status,
-                         **self.common_handlers()}
+        self.handlers = {"sync_job_state": self.on_get_job_status, **self.common_handlers()}
 
     def on_submit_job(self, message: dict[str, Any]) -> None:
-        job_id = self.submit(message, message)
-        self.follow_job(job_id)
+        self.follow_job(self.submit(message))
 
     def render(self, entry: Entry) -> list[str]:
         rendered: list[str] = entry.rendered(self.kind, messages.client)
