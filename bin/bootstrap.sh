@@ -1,5 +1,6 @@
-# Sourced by the bin/ entry points: makes sure .venv holds the appliance (with the extras named in
-# APPLIANCE_EXTRAS) and that a redis-server binary exists. Idempotent and quick when nothing changed.
+# Sourced by the bin/ entry points: makes sure .venv holds the appliance (with the extra named in
+# APPLIANCE_EXTRAS: none for the base install, `load` for bin/loadtest and bin/bench, `test` for bin/test) and
+# that a redis-server binary exists. Idempotent and quick when nothing changed.
 # shellcheck shell=bash
 
 APPLIANCE_HOME=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,18 +29,34 @@ ensure_python() {
   fi
 }
 
+install_hash() { cat "$APPLIANCE_HOME/setup.cfg" "$APPLIANCE_HOME/pyproject.toml" | sha1sum | cut -c1-12; }
+
+# Whether .venv holds what APPLIANCE_EXTRAS asks for. Each install leaves a stamp naming this setup.cfg and its
+# extra; any install of the same setup.cfg has the base, and the `test` extra includes `load` (setup.cfg).
+installed() {
+  local hash extra
+  [ -x "$VENV/bin/python" ] || return 1
+  hash=$(install_hash)
+  case "${APPLIANCE_EXTRAS:-base}" in
+    base) set -- base load test ;;
+    load) set -- load test ;;
+    *) set -- "$APPLIANCE_EXTRAS" ;;
+  esac
+  for extra in "$@"; do [ -f "$VENV/.installed-$hash-$extra" ] && return 0; done
+  return 1
+}
+
 ensure_venv() {
   local extras=${APPLIANCE_EXTRAS:-} spec hash
   spec="$APPLIANCE_HOME"
   [ -n "$extras" ] && spec="$APPLIANCE_HOME[$extras]"
-  hash=$(cat "$APPLIANCE_HOME/setup.cfg" "$APPLIANCE_HOME/pyproject.toml" | sha1sum | cut -c1-12)
+  hash=$(install_hash)
   if [ ! -x "$VENV/bin/python" ]; then
     ensure_python
     step "creating the virtual environment $VENV"
     python3 -m venv "$VENV" || die "could not create $VENV; check disk space and python3-venv"
   fi
-  # A stamp per install: the base install is satisfied by any install of the same setup.cfg.
-  if [ ! -f "$VENV/.installed-$hash-${extras:-base}" ] && ! { [ -z "$extras" ] && ls "$VENV/.installed-$hash-"* >/dev/null 2>&1; }; then
+  if ! installed; then
     step "installing the appliance and its dependencies into .venv (first run: a minute or two)"
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >&2 || die "pip upgrade failed; check network access to PyPI"
     "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on -e "$spec" >&2 \
@@ -70,7 +87,15 @@ ensure_redis() {
   fi
 }
 
+# bootstrap "$@": .venv and redis-server, installed when missing. With -h or --help first, nothing is installed:
+# it returns when .venv is ready (the command's own help follows), else prints the caller's USAGE and exits.
 bootstrap() {
+  case "${1:-}" in
+    -h|--help)
+      installed && return 0
+      printf '%s\n' "$USAGE"
+      exit 0 ;;
+  esac
   ensure_venv
   ensure_redis
 }

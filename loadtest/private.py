@@ -102,10 +102,12 @@ class PrivateRedis:
 
 
 class PrivateAppliance:
-    """One appliance (embedded Redis, API, `workers` worker programs) in `run_dir`, on free ports."""
+    """One appliance (embedded Redis, API, `workers` worker programs) in `run_dir`, on free ports, run by the
+    `bin/appliance` of the checkout at `home` (this one by default)."""
 
     def __init__(self, run_dir: Path, workers: int = 2, env: Mapping[str, str] | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, home: Path = HOME):
+        self.home = home
         self.run_dir = run_dir.resolve()
         self.workers = workers
         self.redis_port = free_port()
@@ -140,7 +142,7 @@ class PrivateAppliance:
 
     def _cli(self, command: str) -> None:
         out = subprocess.DEVNULL if self.quiet else None
-        proc = subprocess.run([str(HOME / "bin" / "appliance"), command], env=self.environment(), stdout=out,
+        proc = subprocess.run([str(self.home / "bin" / "appliance"), command], env=self.environment(), stdout=out,
                               stderr=subprocess.PIPE, text=True)
         if not self.quiet and proc.stderr:
             sys.stderr.write(proc.stderr)

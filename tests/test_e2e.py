@@ -20,6 +20,8 @@ import redis
 
 from conftest import ROOT, free_port
 
+pytestmark = pytest.mark.slow  # every test shares one appliance, started by `bin/appliance start`
+
 
 @dataclass
 class Appliance:

@@ -214,6 +214,7 @@ def test_gpu_worker_heartbeats_its_own_gpu_and_serves_gpu_jobs(env_base: dict[st
         assert client.hget(k.job(too_big), "status") == "unworkable"
 
 
+@pytest.mark.slow
 def test_status_shows_which_worker_owns_which_gpu(env_base: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     redis_port, api_port = free_port(), free_port()

@@ -242,6 +242,7 @@ def bulk_submit(queue: Queue, count: int, requirements: dict[str, Any], priority
         pipe.execute()
 
 
+@pytest.mark.slow
 def test_100000_unservable_jobs_do_not_starve_a_servable_one(queue: Queue, client: redis.Redis) -> None:
     big, small = caps(hardware={"gpu_memory_gb": 80}), caps()
     register(queue, "big", big)  # someone can serve the big jobs, so they stay pending in front

@@ -53,6 +53,7 @@ def delete(api: Api, job_id: str) -> tuple[int, dict[str, object]]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_job_requeues_it_on_another_worker(env_base: dict[str, str], queue: Queue,
                                                       client: redis.Redis) -> None:
     with workers(env_base, "wa", "wb", **FAST) as procs:
@@ -168,6 +169,7 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.slow
 def test_redis_stopped_and_restarted_under_load(env_base: dict[str, str], own_redis: RedisServer) -> None:
     env = {**env_base, "REDIS_URL": own_redis.url, "HUB_REDIS_URL": own_redis.url}
     client = connect(own_redis.url)
@@ -194,6 +196,7 @@ def test_redis_stopped_and_restarted_under_load(env_base: dict[str, str], own_re
         assert api.get_json("/health")[0] == 200
 
 
+@pytest.mark.slow
 def test_chaos_kills_and_restarts_lose_nothing(tmp_path: Path) -> None:
     from loadtest.private import PrivateAppliance
 

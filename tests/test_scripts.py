@@ -120,6 +120,7 @@ def test_priority_zero_stays_zero(queue: Queue, client: redis.Redis) -> None:
     assert drain(queue) == [default, other, job_id]
 
 
+@pytest.mark.slow
 def test_fifo_exact_for_100000_equal_priority_jobs(queue: Queue, client: redis.Redis) -> None:
     """No float rounding: 100,000 jobs of one priority come out exactly in submission order."""
     ids = [f"job-{n:06d}-{random.randrange(10**6):06d}" for n in range(100_000)]
@@ -238,6 +239,7 @@ def test_claim_across_several_services_takes_the_best_head(queue: Queue) -> None
     assert drain(queue, services=("a", "b"), count=10) == ["b1", "a2", "a1", "b2"]
 
 
+@pytest.mark.slow
 def test_servable_job_behind_100000_jobs_of_another_service(queue: Queue, client: redis.Redis) -> None:
     """Jobs the worker cannot serve cost its claim nothing, even 100,000 of them at a higher priority."""
     bulk_submit(queue, [f"o{n}" for n in range(100_000)], "other", 1_000_000)

@@ -16,6 +16,8 @@ import pytest
 
 from loadtest.private import HOME, PrivateAppliance
 
+pytestmark = pytest.mark.slow  # every test shares one appliance, started by `bin/appliance start`
+
 SMOKE = {  # scenario: extra runner arguments (seconds of load, users, drain bound)
     "basic": ["--duration", "4", "--users", "3"],
     "priority": ["--duration", "4", "--users", "2"],
