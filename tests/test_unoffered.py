@@ -4,6 +4,7 @@ does; a worker restarting within the window churns nothing; a job waiting for an
 from __future__ import annotations
 
 import falcon.testing
+import pytest
 import redis
 
 from appliance import clock
@@ -172,6 +173,7 @@ def test_the_janitor_revives_what_a_worker_left_unworkable(queue: Queue) -> None
 
 
 # -- unhealthy ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_job_waiting_for_an_unhealthy_service_says_why(queue: Queue, client: redis.Redis,
                                                          env_base: dict[str, str]) -> None:
     port = free_port()  # nothing listens: ComfyUI is down

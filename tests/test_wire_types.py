@@ -90,6 +90,7 @@ def real_worker(client: redis.Redis, settings: QueueSettings, worker_id: str) ->
     return worker
 
 
+@pytest.mark.slow
 def test_every_route_and_message_type_has_typed_fields(api: Api, queue: Queue, client: redis.Redis,
                                                        settings: QueueSettings) -> None:
     seen: list[tuple[str, Any]] = []
