@@ -84,6 +84,12 @@ class Connector(ABC):
             ValidationError: naming the field as `payload.<key>` and what is expected.
         """
 
+    @classmethod
+    def payload_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of the payload `check_payload` accepts, for the API's OpenAPI document (keep them
+        together: tests/test_openapi.py checks each bound it declares against the API)."""
+        return {"type": "object"}
+
     @property
     def services(self) -> tuple[str, ...]:
         return (self.name,)

@@ -46,6 +46,21 @@ class SimulationConnector(Connector):
         if retryable is not None and not isinstance(retryable, bool):
             raise ValidationError("payload.fail_retryable", f"expected true or false, got {retryable!r}")
 
+    @classmethod
+    def payload_schema(cls) -> dict[str, Any]:
+        def number(what: str, **bounds: Any) -> dict[str, Any]:
+            return {"type": ["number", "null"], "exclusiveMinimum": 0, **bounds, "description": what}
+
+        return {"type": "object", "properties": {
+            "duration": number("run time in milliseconds (as the guide's curl)", maximum=MAX_DURATION_S * 1000),
+            "simulation_time": number("run time in seconds (as the monitor sends)", maximum=MAX_DURATION_S),
+            "steps": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_STEPS,
+                      "description": "progress steps"},
+            "fail": {"anyOf": [{"type": ["boolean", "null"]}, {"type": "integer", "minimum": 0}],
+                     "description": "true: every attempt fails; n: the first n attempts fail"},
+            "fail_retryable": {"type": ["boolean", "null"], "description": "false: the failure is final"},
+        }}
+
     def models(self) -> list[str]:
         return list(MODELS)
 
