@@ -57,7 +57,7 @@ ensure_venv() {
     python3 -m venv "$VENV" || die "could not create $VENV; check disk space and python3-venv"
   fi
   if ! installed; then
-    step "installing the appliance and its dependencies into .venv (first run: a minute or two)"
+    step "installing the appliance${extras:+ with its $extras extra} into .venv (first run: a minute or two)"
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >&2 || die "pip upgrade failed; check network access to PyPI"
     "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on -e "$spec" >&2 \
       || die "installing Python packages failed (see above); check network access to PyPI, then run this again"
@@ -87,15 +87,18 @@ ensure_redis() {
   fi
 }
 
-# bootstrap "$@": .venv and redis-server, installed when missing. With -h or --help first, nothing is installed:
+# bootstrap "$@": .venv and redis-server, installed when missing. With -h or --help anywhere, nothing is installed:
 # it returns when .venv is ready (the command's own help follows), else prints the caller's USAGE and exits.
 bootstrap() {
-  case "${1:-}" in
-    -h|--help)
-      installed && return 0
-      printf '%s\n' "$USAGE"
-      exit 0 ;;
-  esac
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      -h|--help)
+        installed && return 0
+        printf '%s\n' "$USAGE"
+        exit 0 ;;
+    esac
+  done
   ensure_venv
   ensure_redis
 }

@@ -83,7 +83,7 @@ class Socket:
 class ComfyDouble:
     """The fake server. `start()` binds 127.0.0.1 on a free port; `url` is its base URL."""
 
-    def __init__(self, auth: tuple[str, str] | None = None):
+    def __init__(self, auth: tuple[str, str] | None = None, port: int = 0):
         self.auth = auth
         self.lock = threading.Condition()
         self.sockets: list[Socket] = []
@@ -113,7 +113,7 @@ class ComfyDouble:
             def do_POST(self) -> None:
                 double._http(self, "POST")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -519,3 +519,23 @@ class ComfyDouble:
                 "status": {"status_str": status, "completed": completed, "messages": messages},
                 "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
                          for n in outputs}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the double as a server for trying the appliance's ComfyUI connector by hand (no GPU, no models)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A protocol-faithful stand-in for ComfyUI on 127.0.0.1, for "
+                                     "trying WORKER_CONNECTORS=comfyui without ComfyUI. Ctrl-C stops it.")
+    parser.add_argument("--port", type=int, default=8188, help="port to listen on (default 8188; 0: any free)")
+    args = parser.parse_args(argv)
+    double = ComfyDouble(port=args.port).start()
+    print(f"ComfyUI double listening at {double.url} (set WORKER_COMFYUI_PORT={double.port})", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        double.stop()
+
+
+if __name__ == "__main__":
+    main()
