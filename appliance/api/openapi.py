@@ -189,7 +189,13 @@ def schemas(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                                 "url": {"type": "string", "description": "for key holders"}}},
                        "workers": {"type": "object", "properties": {
                            "active": integer, "ids": {"type": "array", "items": {"type": "string"}}}},
-                       "queue": {"type": "object", "properties": {"pending": integer}}},
+                       "queue": {"type": "object", "properties": {"pending": integer}},
+                       "warnings": {"type": "array", "items": {"type": "string"}},
+                       "tasks": {"type": "array", "description": "this process's background tasks (a dead one "
+                                 "makes /health a 503 while the process restarts itself)",
+                                 "items": {"type": "object", "required": ["name", "alive"],
+                                           "properties": {"name": {"type": "string"},
+                                                          "alive": {"type": "boolean"}}}}},
                       ["status", "redis", "workers", "queue"]),
         "ConnectionStats": _ok({"sse_connections": integer,
                                 "websocket_connections": {"type": "object",
