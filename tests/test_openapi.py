@@ -231,7 +231,8 @@ def test_answers_match_their_schemas(api: falcon.testing.TestClient, queue: Queu
     result = api.simulate_post("/api/jobs", json=body)
     validator(doc, "Submitted").validate(result.json)
     job_id = result.json["job_id"]
-    api.simulate_post("/api/jobs", json={"service_required": "simulation", "requirements": {"gpu_count": 1}, "customer_id": "c1"})
+    api.simulate_post("/api/jobs", json={"service_required": "simulation", "requirements": {"gpu_count": 1},
+                                         "customer_id": "c1"})
     assert worker.claim() == job_id
     worker.progress(job_id, 50, "half", 2, 4)
     seen = [api.simulate_get(f"/api/jobs/{job_id}").json]
