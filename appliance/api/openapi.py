@@ -168,7 +168,8 @@ def schemas(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                   "properties": {"success": {"const": False}, "error": {"type": "string"}, "timestamp": ISO_TIME,
                                  "field": {"type": "string", "description": "the input that was wrong"},
                                  "job_id": {"type": "string"}, "status": {"type": "string"},
-                                 "name": {"type": "string"}}},
+                                 "name": {"type": "string"},
+                                 "retry_after_s": {"type": "integer", "description": "429, 503: when to retry"}}},
         "Submission": None,  # filled below, after the payloads it refers to
         "Requirements": requirements_schema(),
         "RequirementGroup": {k: v for k, v in requirements_schema().items() if k != "maxProperties"},
@@ -224,7 +225,9 @@ def _json(schema_name: str, description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     why = {400: "bad input (names the field)", 401: "no valid API key", 403: "needs an admin key", 404: "not found",
-           409: "the job already finished", 413: "body too large (API_MAX_BODY_BYTES)",
+           408: "the body did not arrive in time (API_BODY_TIMEOUT_SECONDS)", 409: "the job already finished",
+           413: "body too large (API_MAX_BODY_BYTES)",
+           429: "submits too fast for this caller (API_SUBMITS_PER_SECOND); see Retry-After",
            500: "internal error (see the api log)", 503: "Redis is not reachable"}
     return {str(code): _json("Error", why[code]) for code in codes}
 
@@ -250,7 +253,8 @@ def operations() -> dict[str, dict[str, Any]]:
             "post": {"operationId": "submitJob", "summary": "Submit a job",
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": ref("Submission")}}},
-                     "responses": {"201": _json("Submitted", "stored and queued"), **_errors(400, 413, 503)}},
+                     "responses": {"201": _json("Submitted", "stored and queued"),
+                                   **_errors(400, 408, 413, 429, 503)}},
             "get": {"operationId": "listJobs", "summary": "List jobs, newest first, from the Redis indexes",
                     "parameters": [
                         _query("status", {"enum": list(jobs.STATUS_VALUES)}, "only jobs in this status"),
