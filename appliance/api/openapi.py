@@ -228,7 +228,8 @@ def _errors(*codes: int) -> dict[str, Any]:
            408: "the body did not arrive in time (API_BODY_TIMEOUT_SECONDS)", 409: "the job already finished",
            413: "body too large (API_MAX_BODY_BYTES)",
            429: "submits too fast for this caller (API_SUBMITS_PER_SECOND); see Retry-After",
-           500: "internal error (see the api log)", 503: "Redis is not reachable"}
+           500: "internal error (see the api log)",
+           503: "Redis is not reachable, or a capacity is reached (Retry-After)"}
     return {str(code): _json("Error", why[code]) for code in codes}
 
 
