@@ -33,11 +33,18 @@ class ConnectorError(Exception):
         self.details = details or {}
 
 
+class ServiceUnavailable(ConnectorError):
+    """The backing service cannot be reached (connection refused, its socket gone with no way back): not the
+    job's fault. The worker hands the job back without counting a retry, and the connector reports itself
+    unhealthy until its health check passes again."""
+
+
 class JobContext:
     """One attempt at one job, as a connector sees it."""
 
     def __init__(self, fields: dict[str, str], payload: dict[str, Any], requirements: dict[str, Any],
-                 report: Callable[[int, str, int | str, int | str], None]):
+                 report: Callable[[int, str, int | str, int | str], None],
+                 annotate: Callable[[dict[str, str], str], None] | None = None):
         self.fields = fields
         self.id = fields["id"]
         self.attempt = fields["attempt"]
@@ -47,6 +54,14 @@ class JobContext:
         self.stop_reason = ""
         self.stopped = gevent.event.Event()
         self._report = report
+        self._annotate = annotate
+
+    def annotate(self, fields: dict[str, str], event: str = "") -> None:
+        """Record fields of this attempt on the job (named `<service>_...`, e.g. `comfyui_prompt_id`), and with
+        `event`, emit that event on the job's stream. Refused once the attempt no longer holds the job; never
+        raises (a failed write is logged by the worker)."""
+        if self._annotate is not None:
+            self._annotate(fields, event)
 
     def progress(self, percent: float, message: str = "", step: int | str = "", total: int | str = "") -> None:
         """Report progress (0-100). Never raises: a failed write is logged by the worker."""
@@ -109,6 +124,10 @@ class Connector(ABC):
 
     def models(self) -> list[str]:
         return []
+
+    def health_info(self) -> dict[str, Any]:
+        """The backing service's state for the worker's record (`services_health`): at least `ok` and `error`."""
+        return {"ok": self.healthy(), "error": self.health_error()}
 
     @abstractmethod
     def run(self, job: JobContext) -> Any:

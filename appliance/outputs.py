@@ -1,7 +1,9 @@
 """Files a job produced (ComfyUI images, ...), kept in Redis so that clients download them from the API.
 
 One hash per job (`outputs:{job_id}`): file name → JSON {content_type, size, node, data (base64)}. It expires
-with the job's retention (JOB_COMPLETED_TTL_SECONDS), counted from when the files are stored.
+with the job's retention (JOB_COMPLETED_TTL_SECONDS), counted from when the files are stored. A running job's
+latest preview image (ComfyUI's live previews) is one string (`preview:{job_id}`) with a short TTL
+(PREVIEW_TTL_S), replaced by each new one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from redis.typing import EncodableT
 
 from appliance.keys import Keys
 
+PREVIEW_TTL_S = 300  # a preview outlives its job's run only briefly
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -63,6 +66,27 @@ class OutputStore:
                           base64.b64decode(record["data"]), str(record.get("node") or ""))
 
 
+    def put_preview(self, job_id: str, data: bytes, content_type: str, node: str = "") -> None:
+        """Store a running job's latest preview image, replacing the one before (expires after PREVIEW_TTL_S)."""
+        record = orjson.dumps({"content_type": content_type, "node": node, "data": base64.b64encode(data).decode()})
+        self.client.set(self.keys.job_preview(job_id), record, ex=PREVIEW_TTL_S)
+
+    def get_preview(self, job_id: str) -> OutputFile | None:
+        text = self.client.get(self.keys.job_preview(job_id))
+        if not text:
+            return None
+        record: dict[str, Any] = orjson.loads(text)
+        content_type = str(record.get("content_type") or "application/octet-stream")
+        extension = {"image/png": "png", "image/webp": "webp"}.get(content_type, "jpg")
+        return OutputFile(f"preview.{extension}", content_type, base64.b64decode(record["data"]),
+                          str(record.get("node") or ""))
+
+
 def output_url(job_id: str, name: str) -> str:
     """Where a client downloads a job's output file from the appliance's API."""
     return f"/api/jobs/{job_id}/outputs/{name}"
+
+
+def preview_url(job_id: str) -> str:
+    """Where a client gets a running job's latest preview image from the appliance's API."""
+    return f"/api/jobs/{job_id}/preview"

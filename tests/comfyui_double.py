@@ -1,13 +1,17 @@
 """A protocol-faithful ComfyUI test double, written from ../shared/reference/comfyui-protocol.md (§5-§7).
 
-HTTP (also under /api/): POST /prompt (validation before queueing: 400 shapes, 500 on a non-JSON body),
-GET /queue, POST /queue (delete pending / clear), GET /prompt, POST /interrupt, GET /history[/{id}],
-POST /history, GET /view, GET /system_stats, GET /object_info[/{Class}]. WebSocket /ws?clientId=X with the
+HTTP (also under /api/): POST /prompt (validation before queueing: 400 shapes, 500 on a non-JSON body or a
+graph it cannot read, such as a UI-format workflow), GET /queue, POST /queue (delete pending / clear),
+GET /prompt, POST /interrupt, GET /history[/{id}], POST /history, GET /view, GET /system_stats,
+GET /object_info[/{Class}], GET /models (model folder names), GET /models/{folder} (its files; 404 for an
+unknown folder), POST /upload/image (multipart: image, subfolder, type, overwrite; into `files` as "input").
+WebSocket /ws?clientId=X with the
 real routing rules: per-prompt events go only to the socket whose sid is the prompt's client_id (dropped if
 none), `status` is broadcast, a reconnect during a run gets `status` then `executing {node}` without
 prompt_id; binary previews (event 1, or 4 after the feature-flag handshake).
 
 Nodes it runs (enough for the message sequences in the reference): EmptyImage, ImageScale (needs width),
+LoadImage (its `image`, "subfolder/name" or "name", must have been uploaded: else custom_validation_failed),
 WorkerTestSleepProgress (inputs image, steps, step_s, fail_at_step, seed, send_preview, drop_socket_at_step),
 SaveImage / PreviewImage (output nodes). A node whose class_type and inputs are unchanged since an earlier
 run, with all its inputs cached, is served from the cache (`execution_cached`, no `executing`).
@@ -18,6 +22,8 @@ Runs in threads (one executor, strict FIFO by number), so tests need no event lo
 from __future__ import annotations
 
 import base64
+import email.parser
+import email.policy
 import hashlib
 import itertools
 import json
@@ -42,6 +48,9 @@ NODES = {"EmptyImage": {"required": []}, "ImageScale": {"required": ["image", "w
          "CheckpointLoaderSimple": {"required": ["ckpt_name"]}}
 OUTPUT_NODES = {"SaveImage": "output", "PreviewImage": "temp"}
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MODELS = {"checkpoints": ["sd_xl_base_1.0.safetensors", "v1-5-pruned.safetensors"],
+          "loras": ["detail_tweaker.safetensors"], "vae": [], "configs": ["v1-inference.yaml"],
+          "custom_nodes": ["example_node.py.example"]}
 
 
 class Socket:
@@ -126,6 +135,9 @@ class ComfyDouble:
         return self
 
     def stop(self) -> None:
+        """ComfyUI's process ends: sockets drop, and nothing listens at the port any more (connections refused)."""
+        if self.closed:
+            return
         with self.lock:
             self.closed = True
             self.lock.notify_all()
@@ -149,6 +161,8 @@ class ComfyDouble:
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
         body: Any = None
+        if method == "POST" and path == "/upload/image":
+            return self._upload(handler, raw)
         if raw:
             try:
                 body = json.loads(raw)
@@ -158,7 +172,10 @@ class ComfyDouble:
         route = getattr(self, f"_{method.lower()}_{path.strip('/').split('/')[0] or 'root'}", None)
         if route is None:
             return self._reply(handler, 404, b"404: Not Found", "text/plain")
-        status, payload, content_type = route(path, query, body)
+        try:
+            status, payload, content_type = route(path, query, body)
+        except Exception:  # ComfyUI's server answers an exception in a handler so (a graph it cannot read)
+            return self._reply(handler, 500, b"500 Internal Server Error", "text/plain")
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self._reply(handler, status, data, content_type)
 
@@ -169,6 +186,36 @@ class ComfyDouble:
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
+
+    def _upload(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        """POST /upload/image: multipart with `image` (a file), `subfolder`, `type`, `overwrite`."""
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + handler.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + raw)
+        fields: dict[str, Any] = {}
+        image: tuple[str, bytes] | None = None
+        for part in message.iter_parts() if message.is_multipart() else []:
+            name = part.get_param("name", header="content-disposition")
+            data = part.get_payload(decode=True) or b""
+            if name == "image" and part.get_filename():
+                image = (str(part.get_filename()), data)
+            elif name:
+                fields[str(name)] = data.decode()
+        if image is None:
+            self.requests.append(("POST", "/upload/image", fields))
+            return self._reply(handler, 400, b"400: Bad Request", "text/plain")
+        kind, subfolder = fields.get("type") or "input", fields.get("subfolder", "")
+        self.requests.append(("POST", "/upload/image", {**fields, "filename": image[0], "size": len(image[1])}))
+        self.files[(kind, subfolder, image[0])] = image[1]
+        data = json.dumps({"name": image[0], "subfolder": subfolder, "type": kind}).encode()
+        self._reply(handler, 200, data, "application/json")
+
+    def _get_models(self, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str]:
+        parts = path.strip("/").split("/")
+        if len(parts) == 1:
+            return 200, list(MODELS), "application/json"
+        if parts[1] not in MODELS:
+            return 404, b"", "text/plain"
+        return 200, MODELS[parts[1]], "application/json"
 
     def _post_prompt(self, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str]:
         body = body if isinstance(body, dict) else {}
@@ -215,6 +262,14 @@ class ComfyDouble:
         node_errors = {}
         for node_id, node in prompt.items():
             missing = [name for name in NODES[node["class_type"]]["required"] if name not in node.get("inputs", {})]
+            image = node.get("inputs", {}).get("image")
+            if node["class_type"] == "LoadImage" and not missing and ("input", *(
+                    image.rsplit("/", 1) if "/" in image else ("", image))) not in self.files:
+                node_errors[node_id] = {"errors": [{"type": "custom_validation_failed",
+                                                    "message": "Custom validation failed for node",
+                                                    "details": f"image - Invalid image file: {image}",
+                                                    "extra_info": {"input_name": "image"}}],
+                                        "dependent_outputs": outputs, "class_type": "LoadImage"}
             if missing:
                 node_errors[node_id] = {"errors": [{"type": "required_input_missing",
                                                     "message": "Required input is missing", "details": missing[0],
@@ -504,11 +559,11 @@ class ComfyDouble:
                         meta = json.dumps({"node_id": node_id, "prompt_id": pid, "display_node_id": node_id,
                                            "parent_node_id": None, "real_node_id": node_id,
                                            "image_type": "image/jpeg"}).encode()
-                        ws.send_bytes(struct.pack(">II", 4, len(meta)) + meta + b"\xff\xd8jpeg")
+                        ws.send_bytes(struct.pack(">II", 4, len(meta)) + meta + preview_image(step))
             event("progress", {"value": step, "max": steps, "prompt_id": pid, "node": node_id})
             if inputs.get("send_preview"):
                 for ws in [s for s in self.sockets if s.sid == cid and not s.feature_flags]:
-                    ws.send_bytes(struct.pack(">II", 1, 1) + b"\xff\xd8jpeg")
+                    ws.send_bytes(struct.pack(">II", 1, 1) + preview_image(step))
         return ""
 
     def _finish(self, item: dict[str, Any], status: str, completed: bool, outputs: dict[str, Any],
@@ -519,6 +574,11 @@ class ComfyDouble:
                 "status": {"status_str": status, "completed": completed, "messages": messages},
                 "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
                          for n in outputs}}
+
+
+def preview_image(step: int) -> bytes:
+    """The preview the test node sends at `step` (JPEG magic, then the step, so tests tell frames apart)."""
+    return b"\xff\xd8jpeg-step-%d" % step
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,14 @@
 """The ComfyUI connector against the protocol-faithful double (tests/comfyui_double.py): normal run, cached
-rerun, runtime error, 400, interrupt, delete while pending, dropped socket, previews, health, basic auth,
-timeout; the double's routing rules; and a real worker process running a ComfyUI job end to end."""
+rerun, runtime error, 400, interrupt, delete while pending, dropped socket, previews, health and models, basic
+auth, timeout, input images, progress weighted by steps, payloads refused at submit; the double's routing
+rules; and real worker processes: a ComfyUI job end to end with failure details, ComfyUI dying under a job or
+refusing it at claim time (handed back, no retry counted), an earlier attempt's orphaned prompt, previews."""
 
 from __future__ import annotations
 
+import base64
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -19,12 +23,13 @@ import websocket
 from appliance.api.app import create_app
 from appliance.connector import ConnectorError, JobContext, JobStopped
 from appliance.jobs import JobSpec
+from appliance.keys import Keys
 from appliance.queue import Queue
 from appliance.settings import ApiSettings, QueueSettings, WorkerSettings
 from appliance.worker import Worker
-from comfyui_double import ComfyDouble
+from comfyui_double import PNG, ComfyDouble, preview_image
 from connectors.comfyui import ComfyUIConnector
-from procs import wait_alive, worker_process
+from procs import wait_alive, worker_process, workers
 
 
 def workflow(steps: int = 4, step_s: float = 0.02, seed: int = 1, **test_node: Any) -> dict[str, Any]:
@@ -161,8 +166,9 @@ def test_normal_run_follows_its_prompt_and_returns_downloadable_files(
     assert file["node"] == "3" and file["content_type"] == "image/png"
     assert file["url"] == f"/api/jobs/job-1/outputs/{file['name']}"
     messages = [m for _, m, _, _ in job.reports]
-    assert "Running node 2 (WorkerTestSleepProgress)" in messages
-    assert [s for _, m, s, t in job.reports if m.startswith("Node 2")] == [1, 2, 3, 4]
+    assert "WorkerTestSleepProgress (node 2)" in messages
+    assert [s for _, m, s, t in job.reports if m.startswith("WorkerTestSleepProgress (node 2): step")] == [1, 2, 3, 4]
+    assert "WorkerTestSleepProgress (node 2): step 4/4" in messages
     percents = [p for p, _, _, _ in job.reports]
     assert percents == sorted(percents) and percents[-1] == 100
     app = falcon.testing.TestClient(create_app(ApiSettings(queue=settings), queue))
@@ -208,7 +214,7 @@ def test_validation_error_is_final_and_carries_node_errors(comfy: ComfyUIConnect
 def test_cancel_interrupts_its_running_prompt(comfy: ComfyUIConnector, double: ComfyDouble) -> None:
     job = Job({"workflow": workflow(steps=200, step_s=0.02)})
     thread, outcome = in_thread(lambda: comfy.run(job.context))
-    wait_for(lambda: any(m.startswith("Node 2") for _, m, _, _ in job.reports))
+    wait_for(lambda: any(": step" in m for _, m, _, _ in job.reports))
     prompt_id = comfy.prompts["job-1"]
     job.context.stop("cancel")
     comfy.cancel(job.context)
@@ -300,11 +306,76 @@ def test_health_decides_whether_the_worker_offers_comfyui(comfy: ComfyUIConnecto
     worker = Worker(WorkerSettings(queue=settings, worker_id="w-comfy", services=("comfyui",),
                                    connectors=("comfyui",)), client, client, {"comfyui": comfy})
     assert comfy.check_health() is True
-    assert comfy.models() == ["sd_xl_base_1.0.safetensors", "v1-5-pruned.safetensors"]
+    # every model folder ComfyUI lists (GET /models, /models/{folder}), but not its configs or custom nodes
+    assert comfy.models() == ["detail_tweaker.safetensors", "sd_xl_base_1.0.safetensors", "v1-5-pruned.safetensors"]
+    assert [r[1] for r in double.requests if r[1].startswith("/models")] == [
+        "/models", "/models/checkpoints", "/models/loras", "/models/vae"]
+    info = comfy.health_info()
+    assert info["ok"] is True and info["version"] == "0.3.64" and info["url"] == double.url
+    assert info["queue_remaining"] == 0 and info["error"] == ""
     assert worker.claim_queues() == [worker.keys.pending_service("comfyui")]
     double.healthy = False
     assert comfy.check_health() is False
     assert worker.claim_queues() == []
+    assert comfy.health_info()["ok"] is False and "500" in comfy.health_info()["error"]
+
+
+def test_progress_weighs_nodes_by_their_steps(comfy: ComfyUIConnector) -> None:
+    """EmptyImage (1) → an 8-step node (8) → SaveImage (1): the 8 steps move the bar from 10 to 90 %, and each
+    message names the node's class and step."""
+    job = Job({"workflow": workflow(steps=8)})
+    comfy.run(job.context)
+    steps = [(p, m) for p, m, _, _ in job.reports if ": step" in m]
+    assert [p for p, _ in steps] == [20, 30, 40, 50, 60, 70, 80, 90]
+    assert steps[3][1] == "WorkerTestSleepProgress (node 2): step 4/8"
+
+
+def test_input_images_are_uploaded_and_referenced(comfy: ComfyUIConnector, double: ComfyDouble) -> None:
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "loaded"}}}
+    payload = {"workflow": graph, "images": {"in.png": base64.b64encode(PNG).decode()}}
+    result = comfy.run(Job(payload).context)
+    assert result["status"] == "success"
+    [upload] = [body for _, path, body in double.requests if path == "/upload/image"]
+    assert upload["filename"] == "in.png" and upload["subfolder"] == "appliance-job-1" and upload["size"] == len(PNG)
+    assert double.files[("input", "appliance-job-1", "in.png")] == PNG
+    [posted] = [body for _, path, body in double.requests if path == "/prompt"]
+    assert posted["prompt"]["1"]["inputs"]["image"] == "appliance-job-1/in.png"
+    # without the upload, ComfyUI refuses the LoadImage node: the reference is what made it run
+    with pytest.raises(ConnectorError, match="Invalid image file: in.png"):
+        comfy.run(Job({"workflow": graph}, job_id="job-2").context)
+
+
+@pytest.mark.parametrize(("payload", "field", "words"), [
+    ({"workflow": {"last_node_id": 9, "last_link_id": 9, "nodes": [{"id": 3, "type": "KSampler"}], "links": []}},
+     "payload.workflow", "UI-format workflow (File → Save); export it with 'Save (API Format)'"),
+    ({"workflow": {}}, "payload.workflow", "empty object"),
+    ({"workflow": "hello"}, "payload.workflow", "got str"),
+    ({}, "payload.workflow", "required"),
+    ({"workflow": {"1": {"inputs": {}}}}, "payload.workflow.1.class_type", "required"),
+    ({"workflow": {"1": {"class_type": "EmptyImage"}}}, "payload.workflow.1.inputs", "required"),
+    ({"prompt": [1]}, "payload.prompt", "got list"),
+    ({"workflow": workflow(), "images": {"../x.png": "AAAA"}}, "payload.images", "no folders"),
+    ({"workflow": workflow(), "images": {"x.png": "not base64!"}}, "payload.images.x.png", "base64"),
+])
+def test_submit_refuses_what_comfyui_could_not_run(queue: Queue, settings: QueueSettings, payload: dict[str, Any],
+                                                   field: str, words: str) -> None:
+    app = falcon.testing.TestClient(create_app(ApiSettings(queue=settings), queue))
+    reply = app.simulate_post("/api/jobs", json={"service_required": "comfyui", "payload": payload})
+    assert reply.status_code == 400, reply.json
+    assert reply.json["field"] == field and words in reply.json["error"]
+    good = {"workflow": workflow(), "images": {"x.png": base64.b64encode(PNG).decode()}}
+    assert app.simulate_post("/api/jobs", json={"service_required": "comfyui", "payload": good}).status_code == 201
+    assert app.simulate_post("/api/jobs", json={"service_required": "comfyui",
+                                                "payload": {"prompt": workflow()}}).status_code == 201
+
+
+def test_a_graph_comfyui_cannot_read_is_not_retried(comfy: ComfyUIConnector, double: ComfyDouble) -> None:
+    """A graph that passes the submit check but makes ComfyUI fail (its 500) ends the job: retrying cannot help."""
+    with pytest.raises(ConnectorError, match="could not read the workflow: POST /prompt answered 500") as err:
+        comfy.run(Job({"workflow": {"1": {"class_type": "LoadImage", "inputs": {"image": 7}},
+                                    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}}).context)
+    assert err.value.retryable is False and err.value.details["status"] == 500
 
 
 def test_basic_auth(redis_server: str, client: redis.Redis) -> None:
@@ -319,25 +390,147 @@ def test_basic_auth(redis_server: str, client: redis.Redis) -> None:
         server.stop()
 
 
-# -- a real worker process ----------------------------------------------------------------------------------
+# -- real worker processes ---------------------------------------------------------------------------------
+def proc_env(double: ComfyDouble, env_base: dict[str, str], **extra: str) -> dict[str, str]:
+    return {**env_base, **connector_env(double, env_base["REDIS_URL"]), "WORKER_CONNECTORS": "comfyui",
+            "WORKER_HEARTBEAT_INTERVAL_MS": "200", **extra}
+
+
+def submit(queue: Queue, payload: dict[str, Any], **fields: Any) -> str:
+    return queue.submit(JobSpec.parse({"service_required": "comfyui", "payload": payload, **fields}))
+
+
+def events(client: redis.Redis, job_id: str) -> list[dict[str, str]]:
+    return [fields for _, fields in client.xrange(Keys().progress(job_id))]
+
+
 def test_worker_process_runs_a_comfyui_job(double: ComfyDouble, env_base: dict[str, str], client: redis.Redis,
                                            queue: Queue, settings: QueueSettings) -> None:
-    env = {**env_base, **connector_env(double, env_base["REDIS_URL"]),
-           "WORKER_CONNECTORS": "comfyui", "WORKER_HEARTBEAT_INTERVAL_MS": "200"}
     k = queue.keys
-    with worker_process(env, client, "comfy-proc", timeout_s=30) as proc:
-        job_id = queue.submit(JobSpec.parse({"service_required": "comfyui",
-                                             "payload": {"workflow": workflow(steps=3)}}))
-        bad_id = queue.submit(JobSpec.parse({"service_required": "comfyui",
-                                             "payload": {"workflow": {"1": {"class_type": "Nope", "inputs": {}}}}}))
-        wait_alive(proc, lambda: client.hget(k.job(job_id), "status") == "completed"
-                   and client.hget(k.job(bad_id), "status") == "failed", 30, "both jobs to end")
-        job = queue.get(job_id)
-        assert job["worker_id"] == "comfy-proc"
+    app = falcon.testing.TestClient(create_app(ApiSettings(queue=settings), queue))
+    with worker_process(proc_env(double, env_base), client, "comfy-proc", timeout_s=30) as proc:
+        job_id = submit(queue, {"workflow": workflow(steps=3)}, requirements={"models": "detail_tweaker.safetensors"})
+        bad_id = submit(queue, {"workflow": {"1": {"class_type": "Nope", "inputs": {}}}})
+        refused = workflow(seed=5)
+        del refused["2"]["inputs"]["steps"]
+        refused_id = submit(queue, {"workflow": refused})
+        raising_id = submit(queue, {"workflow": workflow(steps=3, seed=6, fail_at_step=2)})
+        ids = (job_id, bad_id, refused_id, raising_id)
+        wait_alive(proc, lambda: all(client.hget(k.job(i), "status") in ("completed", "failed") for i in ids), 30,
+                   "the jobs to end")
+        job = app.simulate_get(f"/api/jobs/{job_id}").json["job"]
+        assert job["status"] == "completed" and job["worker_id"] == "comfy-proc"
+        assert job["comfyui_prompt_id"] == job["result"]["prompt_id"] and job["comfyui_url"] == double.url
         [file] = job["result"]["files"]
-        app = falcon.testing.TestClient(create_app(ApiSettings(queue=settings), queue))
         assert app.simulate_get(file["url"]).content == double.files[("output", "", file["filename"])]
-        steps = [f.get("current_step") for _, f in client.xrange(k.progress(job_id)) if f["event"] == "progress"]
+        steps = [f.get("current_step") for f in events(client, job_id) if f["event"] == "progress"]
         assert "node 2" in steps
-        assert "Nope does not exist" in queue.get(bad_id)["error"]
-        assert queue.get(bad_id)["retry_count"] == 0
+        bad = app.simulate_get(f"/api/jobs/{bad_id}").json["job"]
+        assert "Nope does not exist" in bad["error"] and bad["retry_count"] == 0
+        assert bad["error_details"]["error"]["type"] == "invalid_prompt"
+        # a refused workflow keeps ComfyUI's node_errors; a runtime failure its node, exception and traceback:
+        # in the record (GET) and in the terminal event
+        refused_job = app.simulate_get(f"/api/jobs/{refused_id}").json["job"]
+        node_error = refused_job["error_details"]["node_errors"]["2"]
+        assert node_error["class_type"] == "WorkerTestSleepProgress"
+        assert node_error["errors"][0]["type"] == "required_input_missing"
+        raising = app.simulate_get(f"/api/jobs/{raising_id}").json["job"]
+        assert raising["status"] == "failed"
+        details = raising["error_details"]
+        assert details["node_id"] == "2" and details["node_type"] == "WorkerTestSleepProgress"
+        assert details["exception_type"] == "RuntimeError" and "deliberate failure" in details["exception_message"]
+        assert details["traceback"] and details["prompt_id"] == raising["comfyui_prompt_id"]
+        for failed_id, expected in ((refused_id, refused_job["error_details"]), (raising_id, details)):
+            [terminal] = [f for f in events(client, failed_id) if f["event"] == "failed"]
+            assert json.loads(terminal["error_details"]) == expected
+        # the worker's record shows its ComfyUI and the models it has
+        [worker] = app.simulate_get("/api/workers").json["workers"]
+        health = worker["services_health"]["comfyui"]
+        assert health["ok"] is True and health["version"] == "0.3.64" and health["url"] == double.url
+        assert "detail_tweaker.safetensors" in worker["capabilities"]["models"]["comfyui"]
+
+
+def test_comfyui_dying_under_a_job_hands_it_back(double: ComfyDouble, env_base: dict[str, str],
+                                                 client: redis.Redis, queue: Queue) -> None:
+    """ComfyUI's process ends while a job runs: the job is back in line within seconds with no retry counted
+    and no failure, and the worker stops offering comfyui at once (its health check would wait 600 s)."""
+    k = queue.keys
+    env = proc_env(double, env_base, WORKER_COMFYUI_HEALTH_INTERVAL_SECONDS="600")
+    with worker_process(env, client, "comfy-dies", timeout_s=30) as proc:
+        job_id = submit(queue, {"workflow": workflow(steps=400, step_s=0.05)})
+        wait_alive(proc, lambda: ": step" in (client.hget(k.job(job_id), "message") or ""), 20, "the job to run")
+        double.stop()
+        wait_alive(proc, lambda: any(f["event"] == "requeued" for f in events(client, job_id)), 20,
+                   "the job to be handed back")
+        job = queue.get(job_id)
+        assert job is not None and job["status"] == "pending" and job.get("retry_count", 0) == 0
+        assert not [f for f in events(client, job_id) if f["event"] in ("retrying", "failed")]
+        [requeued] = [f for f in events(client, job_id) if f["event"] == "requeued"]
+        assert "unreachable" in requeued["message"]
+        wait_alive(proc, lambda: "comfyui" not in client.hget(k.worker("comfy-dies"), "services").split(","), 10,
+                   "the worker to stop offering comfyui")
+        health = json.loads(client.hget(k.worker("comfy-dies"), "services_health"))["comfyui"]
+        assert health["ok"] is False and "does not answer" in health["error"]
+
+
+def test_comfyui_refusing_at_claim_time_hands_the_job_back(double: ComfyDouble, env_base: dict[str, str],
+                                                           client: redis.Redis, queue: Queue) -> None:
+    """Healthy at the last check, gone at the claim: the job goes back in line at once, no retry counted."""
+    k = queue.keys
+    env = proc_env(double, env_base, WORKER_COMFYUI_HEALTH_INTERVAL_SECONDS="600")
+    with worker_process(env, client, "comfy-gone", timeout_s=30) as proc:
+        double.stop()
+        job_id = submit(queue, {"workflow": workflow(steps=2)})
+        wait_alive(proc, lambda: any(f["event"] == "requeued" for f in events(client, job_id)), 20,
+                   "the job to be handed back")
+        job = queue.get(job_id)
+        assert job is not None and job["status"] == "pending" and job.get("retry_count", 0) == 0
+        assert not [f for f in events(client, job_id) if f["event"] in ("retrying", "failed")]
+        wait_alive(proc, lambda: not json.loads(client.hget(k.worker("comfy-gone"), "services_health") or "{}")
+                   .get("comfyui", {}).get("ok", True), 10, "the worker to report ComfyUI down")
+
+
+def test_next_attempt_stops_the_prompt_a_killed_worker_left(double: ComfyDouble, env_base: dict[str, str],
+                                                            client: redis.Redis, queue: Queue) -> None:
+    """A worker SIGKILLed mid-prompt leaves it running in ComfyUI; the job's next attempt interrupts it (named
+    by the job's comfyui_prompt_id) before posting its own."""
+    k = queue.keys
+    env = proc_env(double, env_base, JOB_RETRY_BASE_MS="0")
+    job_id = submit(queue, {"workflow": workflow(steps=600, step_s=0.05)})
+    with workers(env, "comfy-kill") as procs:
+        wait_for(lambda: ": step" in (client.hget(k.job(job_id), "message") or ""), 30)
+        earlier = client.hget(k.job(job_id), "comfyui_prompt_id")
+        assert earlier and double.running and double.running["prompt_id"] == earlier
+        procs["comfy-kill"].signal(signal.SIGKILL)
+        procs["comfy-kill"].proc.wait(10)
+    # restarted under the same id (as supervisord does), it recovers the job and runs it again
+    with worker_process(env, client, "comfy-kill", timeout_s=30) as proc:
+        wait_alive(proc, lambda: ("POST", "/interrupt", {"prompt_id": earlier}) in double.requests, 30,
+                   "the earlier prompt to be interrupted")
+        wait_alive(proc, lambda: (double.history.get(earlier) or {}).get("status"), 10, "the earlier prompt to end")
+        assert double.history[earlier]["status"]["messages"][-1][0] == "execution_interrupted"
+        wait_alive(proc, lambda: client.hget(k.job(job_id), "comfyui_prompt_id") != earlier, 10,
+                   "the next attempt's prompt")
+        later = client.hget(k.job(job_id), "comfyui_prompt_id")
+        assert any(i["prompt_id"] == later for i in ([double.running] if double.running else []) + double.pending) \
+            or later in double.history
+        assert queue.cancel(job_id) in ("cancelled", "cancelling")
+
+
+def test_previews_are_served_while_a_job_runs(double: ComfyDouble, env_base: dict[str, str], client: redis.Redis,
+                                              queue: Queue, settings: QueueSettings) -> None:
+    k = queue.keys
+    app = falcon.testing.TestClient(create_app(ApiSettings(queue=settings), queue))
+    with worker_process(proc_env(double, env_base), client, "comfy-preview", timeout_s=30) as proc:
+        job_id = submit(queue, {"workflow": workflow(steps=30, step_s=0.1, send_preview=True)})
+        assert app.simulate_get(f"/api/jobs/{job_id}/preview").status_code == 404
+        wait_alive(proc, lambda: any(f["event"] == "preview" for f in events(client, job_id)), 20, "a preview")
+        live = app.simulate_get(f"/api/jobs/{job_id}/preview")
+        assert live.status_code == 200 and live.headers["content-type"] == "image/jpeg"
+        assert live.content.startswith(b"\xff\xd8jpeg-step-")
+        wait_alive(proc, lambda: client.hget(k.job(job_id), "status") == "completed", 30, "the job to end")
+        # the latest frame is kept; `preview` events are limited to about one a second (30 frames in 3 s)
+        assert app.simulate_get(f"/api/jobs/{job_id}/preview").content == preview_image(30)
+        previews = [f for f in events(client, job_id) if f["event"] == "preview"]
+        assert 1 <= len(previews) < 30
+        assert previews[0]["comfyui_preview"] == f"/api/jobs/{job_id}/preview"

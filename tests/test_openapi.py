@@ -168,7 +168,7 @@ def test_submission_bounds_are_enforced(api: falcon.testing.TestClient) -> None:
 def test_payload_bounds_are_enforced(api: falcon.testing.TestClient) -> None:
     schemas = served(api)["components"]["schemas"]
     rules = schemas["Submission"]["allOf"]
-    assert [rule["if"]["properties"]["service_required"]["const"] for rule in rules] == ["simulation"]
+    assert [rule["if"]["properties"]["service_required"]["const"] for rule in rules] == ["comfyui", "simulation"]
     payload = schemas["SimulationPayload"]
     probed = set()
     for name, prop in payload["properties"].items():
