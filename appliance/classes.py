@@ -19,6 +19,7 @@ import orjson
 import redis
 
 from appliance import clock
+from appliance.errors import Overloaded, shown
 from appliance.keys import Keys
 from appliance.matching import RequirementClass, class_id, mismatch
 from appliance.scripts import OFFERED_WINDOW_MS, Scripts
@@ -29,6 +30,7 @@ REFRESH_S = 15.0
 
 
 CLASS_IDLE_S = 600  # a class nobody submitted to for this long, with no job left, is forgotten
+CLASS_RETRY_S = 60  # Retry-After when a service has as many classes as allowed
 
 
 class ClassBook:
@@ -38,17 +40,51 @@ class ClassBook:
         self.client = client
         self.keys = keys
         self.scripts = scripts
+        self.max_per_service = 0      # classes one service may have (0: no cap); the API sets its setting
         self._workers: dict[str, dict[str, Any]] = {}
         self._workers_at = -WORKERS_CACHE_S
+        self._named: frozenset[str] = frozenset()
 
     def for_job(self, service: str, requirements: dict[str, Any],
                 customer_id: str) -> RequirementClass | None:
-        """The class of a job with these canonical requirements; None for its service's plain queue."""
-        cid = class_id(service, requirements, customer_id)
+        """The class of a job with these canonical requirements; None for its service's plain queue.
+
+        The customer is part of the class only if a registered worker names it (in its allowed or denied
+        customers): for any other customer every worker decides alike (a worker with allowed customers cannot
+        take it, others can), as for a job without one, so a customer id alone makes no new claim queue and
+        classes do not grow with customers. (A worker that starts naming a customer applies to the jobs submitted
+        from then on, within a second.)
+
+        Raises:
+            Overloaded: the job would make a new class for a service that has `max_per_service` already.
+        """
+        customer = customer_id if customer_id and customer_id in self.named_customers() else ""
+        cid = class_id(service, requirements, customer)
         if cid is None:
             return None
+        if self.max_per_service:
+            self._admit(service, cid)
         queue = self.keys.pending_class(service, cid)
-        return RequirementClass(cid, service, requirements, customer_id, queue)
+        return RequirementClass(cid, service, requirements, customer, queue)
+
+    def named_customers(self) -> frozenset[str]:
+        """Customers some registered worker allows or denies by name (from its capabilities, cached briefly)."""
+        self.registered_workers(cached=True)
+        return self._named
+
+    def _admit(self, service: str, cid: str) -> None:
+        """Refuse a new class beyond `max_per_service` (checked before the submit: concurrent submits of new
+        classes can pass it by a few)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sismember(self.keys.requirement_classes(service), cid)
+        pipe.scard(self.keys.requirement_classes(service))
+        known, count = pipe.execute()
+        if not known and int(count) >= self.max_per_service:
+            raise Overloaded(
+                f"Service {shown(service)} already has {count} requirement classes, the most allowed "
+                "(API_MAX_CLASSES_PER_SERVICE): submit with the requirements of jobs already waiting, or retry "
+                f"once idle classes are forgotten ({CLASS_IDLE_S // 60} minutes after their last job)",
+                CLASS_RETRY_S)
 
     def version(self) -> int:
         return int(self.client.get(self.keys.classes_version) or 0)
@@ -151,6 +187,10 @@ class ClassBook:
             if isinstance(caps, dict):
                 workers[worker_id] = caps
         self._workers, self._workers_at = workers, now
+        self._named = frozenset(
+            str(name) for caps in workers.values() if isinstance(caps.get("customer_access"), dict)
+            for group in ("allowed_customers", "denied_customers")
+            for name in (caps["customer_access"].get(group) or []))
         return workers
 
     @staticmethod

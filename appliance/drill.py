@@ -19,19 +19,22 @@ FIRST_JOBS, MORE_JOBS = 4, 4
 JOB_MS = 3000
 
 
-def submit(api_url: str, priority: int) -> str:
+def submit(api_url: str, priority: int, api_key: str | None = None) -> str:
     body = json.dumps({"service_required": "simulation", "priority": priority,
                        "payload": {"drill": True, "duration": JOB_MS}}).encode()
-    request = urllib.request.Request(f"{api_url}/api/jobs", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(f"{api_url}/api/jobs", data=body, method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as reply:
         return str(json.loads(reply.read())["job_id"])
 
 
-def run_drill(api_url: str, queue: Queue, rpc: Any, say: Any, timeout_s: float = 180) -> int:
-    """Returns the number of lost jobs (0 when every job completed)."""
+def run_drill(api_url: str, queue: Queue, rpc: Any, say: Any, timeout_s: float = 180,
+              api_key: str | None = None) -> int:
+    """Returns the number of lost jobs (0 when every job completed). `api_key`: for an API with keys."""
     say(f"submitting {FIRST_JOBS} simulation jobs of {JOB_MS} ms through {api_url}")
-    jobs = [submit(api_url, 100) for _ in range(FIRST_JOBS)]
+    jobs = [submit(api_url, 100, api_key) for _ in range(FIRST_JOBS)]
     victim_job, victim_worker = "", ""
     deadline = time.monotonic() + 30
     while not victim_worker and time.monotonic() < deadline:
@@ -50,7 +53,7 @@ def run_drill(api_url: str, queue: Queue, rpc: Any, say: Any, timeout_s: float =
     rpc.signalProcess(program, "KILL")
     killed_at = time.monotonic()
     say(f"submitting {MORE_JOBS} more jobs while it is down")
-    jobs += [submit(api_url, 100) for _ in range(MORE_JOBS)]
+    jobs += [submit(api_url, 100, api_key) for _ in range(MORE_JOBS)]
     while time.monotonic() - killed_at < 60:
         info = rpc.getProcessInfo(program)
         if info["statename"] == "RUNNING" and victim_worker in queue.worker_ids():

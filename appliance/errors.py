@@ -44,3 +44,25 @@ class JobLost(ApplianceError):
         super().__init__(f"Worker {worker_id} no longer holds job {job_id}; its update was refused")
         self.job_id = job_id
         self.worker_id = worker_id
+
+
+class Overloaded(ApplianceError):
+    """A limit that frees up with time (a rate, a capacity) refuses the request: retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int, status: int = 503):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = max(1, retry_after_s)
+        self.status = status
+
+
+ECHO_CHARS = 64  # error messages quote at most this much of what a client sent
+
+
+def shown(value: object, limit: int = ECHO_CHARS) -> str:
+    """`value` as an error message may quote it: its repr, cut to `limit` characters with what was left out
+    counted, so a hostile input is never echoed back whole."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"

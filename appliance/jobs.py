@@ -11,15 +11,17 @@ from typing import Any
 import orjson
 
 from appliance import clock
-from appliance.errors import ValidationError
+from appliance.errors import ValidationError, shown
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 1_000_000, 50
 MAX_RETRIES_DEFAULT, MAX_RETRIES_MAX = 3, 100
-# No ":" in names: it separates the parts of Redis keys (jobs:pending:{service}:req:{class}).
+# No ":" in names: it separates the parts of Redis keys (jobs:pending:{service}:req:{class}). Use fullmatch:
+# with match, "$" also matches before a trailing newline. The pattern is also the OpenAPI document's.
 SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CUSTOMER_MAX = 256
 EPOCH_MS_MAX = 2**53          # workflow_datetime: epoch ms, as JavaScript's Date.now()
 STEP_MAX = 1_000_000
+TIMEOUT_MAX_S = 7 * 86400
 
 
 class JobStatus(StrEnum):
@@ -50,7 +52,7 @@ def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {value!r}")
+            raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {shown(value)}")
     if not lo <= value <= hi:
         raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {value}")
     return value
@@ -59,7 +61,8 @@ def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
 def _digits(body: dict[str, Any], name: str) -> dict[str, Any]:
     """`body` with a string of digits under `name` read as the integer it spells (clients that send text)."""
     value = body.get(name)
-    return {name: int(value)} if isinstance(value, str) and value.isdigit() else body
+    # ASCII only: str.isdigit() also takes "²", which int() refuses
+    return {name: int(value)} if isinstance(value, str) and value.isascii() and value.isdigit() else body
 
 
 def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
@@ -95,14 +98,16 @@ class JobSpec:
     max_retries: int = MAX_RETRIES_DEFAULT
     timeout_seconds: float | None = None
     workflow: dict[str, str] = field(default_factory=dict)
+    submitted_by: str = ""        # the name of the API key that submitted it (never taken from the body)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
-    def parse(cls, body: Any) -> JobSpec:
+    def parse(cls, body: Any, submitted_by: str = "") -> JobSpec:
         """Check a submission body (HTTP JSON or a WebSocket message's job fields).
 
         `service_required` may also come as `job_type` or `type` (the original's fallbacks). Unknown
-        top-level fields are ignored, since WebSocket clients send their message envelope along.
+        top-level fields are ignored, since WebSocket clients send their message envelope along (a
+        `submitted_by` in the body among them: it is the API's to set, from the caller's key).
 
         Raises:
             ValidationError: naming the first field that is wrong and what is expected.
@@ -113,14 +118,15 @@ class JobSpec:
         if service is None or service == "":
             raise ValidationError("service_required", "required: the service that should run the job, "
                                                       "e.g. \"simulation\"")
-        if not isinstance(service, str) or not SERVICE_RE.match(service):
+        if not isinstance(service, str) or not SERVICE_RE.fullmatch(service):
             raise ValidationError("service_required", "expected a name of letters, digits, '_', '.' or '-' "
-                                                      f"(at most 128), got {service!r}")
+                                                      f"(at most 128), got {shown(service)}")
         timeout = body.get("timeout_seconds")
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 7 * 86400:
-                raise ValidationError("timeout_seconds", f"expected a number of seconds above 0, at most 604800, "
-                                                         f"got {timeout!r}")
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not 0 < timeout <= TIMEOUT_MAX_S:
+                raise ValidationError("timeout_seconds", "expected a number of seconds above 0, at most "
+                                                         f"{TIMEOUT_MAX_S}, got {shown(timeout)}")
         workflow: dict[str, str] = {}
         workflow_id = _text(body, "workflow_id", CUSTOMER_MAX)
         if workflow_id:
@@ -129,8 +135,9 @@ class JobSpec:
             if body.get(name) not in (None, ""):
                 workflow[name] = str(_int(_digits(body, name), name, 0, 0, hi))
         # the Next.js monitor sends a blank "W. Priority" as 0: unset, as the original's `|| priority` read it
-        if body.get("workflow_priority") not in (None, "", 0):
-            workflow["workflow_priority"] = str(_int(body, "workflow_priority", 0, PRIORITY_MIN, PRIORITY_MAX))
+        if body.get("workflow_priority") not in (None, "", 0, "0"):
+            workflow["workflow_priority"] = str(_int(_digits(body, "workflow_priority"), "workflow_priority", 0,
+                                                     PRIORITY_MIN, PRIORITY_MAX))
         return cls(
             service_required=service,
             priority=_int(body, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX),
@@ -140,6 +147,7 @@ class JobSpec:
             max_retries=_int(body, "max_retries", MAX_RETRIES_DEFAULT, 0, MAX_RETRIES_MAX),
             timeout_seconds=float(timeout) if timeout is not None else None,
             workflow=workflow,
+            submitted_by=submitted_by,
         )
 
     def stored_fields(self) -> dict[str, str]:
@@ -153,6 +161,8 @@ class JobSpec:
         if self.timeout_seconds is not None:
             fields["timeout_seconds"] = repr(self.timeout_seconds)
         fields.update(self.workflow)
+        if self.submitted_by:
+            fields["submitted_by"] = self.submitted_by
         return fields
 
 
@@ -161,6 +171,7 @@ class JobSpec:
 # one declared table per record; a field not named in a table is text. A stored value that does not read as
 # its declared type (a ComfyUI step label in current_step, say) is left out rather than sent in another type.
 INT, FLOAT, JSON, BOOL, TIME, LIST, HIDDEN = "int", "float", "json", "bool", "time", "list", "hidden"
+TEXT = "text"  # the default: a field no table names is text
 
 # A job hash (job:{id}) and its progress stream entries (progress:{id}, events) share these names.
 JOB_FIELDS: dict[str, str] = {
@@ -168,10 +179,12 @@ JOB_FIELDS: dict[str, str] = {
     "current_step": INT, "total_steps": INT, "workflow_priority": INT, "workflow_datetime": INT,
     "step_number": INT, "timeout_seconds": FLOAT,
     "payload": JSON, "requirements": JSON, "result": JSON,
+    "error_details": JSON,  # a failed attempt's structured details from its connector (ComfyUI's node_errors, ...)
     "will_retry": BOOL,
     "created_at": TIME, "updated_at": TIME, "assigned_at": TIME, "started_at": TIME, "completed_at": TIME,
     "failed_at": TIME, "cancelled_at": TIME, "unworkable_at": TIME, "retry_at": TIME, "cancel_requested": TIME,
     "seq": HIDDEN, "score": HIDDEN, "created_ms": HIDDEN,
+    "submitted_by": TEXT,  # the name of the API key that submitted the job (API_KEYS); absent without keys
 }
 
 # A worker hash (worker:{id}).
@@ -179,12 +192,41 @@ WORKER_FIELDS: dict[str, str] = {
     "current_jobs": INT, "total_jobs_completed": INT, "total_jobs_failed": INT, "max_concurrent_jobs": INT,
     "lease_ms": INT, "pid": INT,
     "capabilities": JSON, "telemetry": JSON,
+    "services_health": JSON,  # service -> its backing service's state (connector.health_info: url, version, ok, ...)
     "services": LIST, "connectors": LIST,
     "connected_at": TIME, "last_heartbeat": TIME, "last_status_change": TIME,
     "last_heartbeat_ms": HIDDEN,
 }
 
 _MISSING = object()
+
+ORJSON_MAX_DEPTH = 254   # orjson refuses to write values nested deeper than this (tests pin it)
+RENDER_DEPTH = 128       # a stored JSON value nested deeper is shown as a marker (its message must still be written)
+
+
+def json_depth_within(value: Any, limit: int, text: str | bytes | None = None) -> bool:
+    """Whether `value` (parsed JSON) nests at most `limit` arrays/objects deep.
+
+    `text`, the JSON it was parsed from, answers at once when it holds no more brackets than `limit`. Otherwise
+    orjson decides at C speed: wrapped in `ORJSON_MAX_DEPTH - limit` lists, the value can be written exactly
+    when it is nested at most `limit` deep."""
+    if text is not None:
+        opening = (b"[", b"{") if isinstance(text, bytes) else ("[", "{")
+        if text.count(opening[0]) + text.count(opening[1]) <= limit:  # type: ignore[arg-type]
+            return True
+    wrapped = value
+    for _ in range(ORJSON_MAX_DEPTH - limit):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        return "Recursion limit" not in str(exc)
+    return True
+
+
+def unrenderable(reason: str) -> dict[str, str]:
+    """What clients see in place of a stored object that cannot be written back (never an error)."""
+    return {"_unrenderable": reason}
 
 
 def _value(kind: str, text: str) -> Any:
@@ -195,7 +237,10 @@ def _value(kind: str, text: str) -> Any:
         if kind == FLOAT:
             return float(text)
         if kind == JSON:
-            return orjson.loads(text)
+            value = orjson.loads(text)
+            if not json_depth_within(value, RENDER_DEPTH, text):
+                return unrenderable(f"stored value nested deeper than {RENDER_DEPTH} levels; not shown")
+            return value
         if kind == BOOL:
             return {"true": True, "1": True, "false": False, "0": False}[text]
         if kind == LIST:

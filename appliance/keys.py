@@ -60,6 +60,12 @@ class Keys:
         return f"{self.prefix}jobs:leases"
 
     @property
+    def lease_clock(self) -> str:
+        """Redis's own time (epoch ms) when a script last judged or renewed leases: a longer silence means Redis
+        was away, and leases are moved on by it (appliance/lua/_lib.lua `present`)."""
+        return f"{self.prefix}jobs:lease-clock"
+
+    @property
     def seq(self) -> str:
         """Counter giving every submitted job its place in line."""
         return f"{self.prefix}jobs:seq"
@@ -82,6 +88,15 @@ class Keys:
     @property
     def index_service_prefix(self) -> str:
         return f"{self.prefix}jobs:index:service:"
+
+    def index_submitter(self, name: str) -> str:
+        """Jobs submitted with one API key (by its name), for listings that key may see; members only count
+        while they are in `index_all` too (listings intersect the two, which also drops expired members)."""
+        return f"{self.prefix}jobs:index:submitted_by:{name}"
+
+    @property
+    def index_submitter_prefix(self) -> str:
+        return f"{self.prefix}jobs:index:submitted_by:"
 
     @property
     def expiry(self) -> str:
@@ -203,6 +218,10 @@ class Keys:
     def job_outputs(self, job_id: str) -> str:
         """Hash: file name → JSON {content_type, size, node, data (base64)} of a job's output files."""
         return f"{self.prefix}outputs:{job_id}"
+
+    def job_preview(self, job_id: str) -> str:
+        """String: JSON {content_type, node, data (base64)} of a running job's latest preview image (short TTL)."""
+        return f"{self.prefix}preview:{job_id}"
 
     # -- workers ------------------------------------------------------------------------------------
     def worker(self, worker_id: str) -> str:

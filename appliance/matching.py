@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from appliance.errors import ValidationError
-from appliance.settings import Env, SettingsError
+from appliance.errors import ValidationError, shown
+from appliance.settings import WorkerProfile as WorkerProfile  # parsed with the worker's settings
 
 AT_LEAST = ("gpu_memory_gb", "gpu_count", "cpu_cores", "ram_gb", "gpu_memory_free_gb")
 NAMES = ("gpu_model", "models")
@@ -91,12 +90,12 @@ def _parse_group(group: dict[str, Any], where: str) -> dict[str, Any]:
                 parsed[key] = names
         elif key == "customer_isolation":
             if value not in ("strict", "loose"):
-                raise ValidationError(name, f"expected \"strict\" or \"loose\", got {value!r}")
+                raise ValidationError(name, f"expected \"strict\" or \"loose\", got {shown(value)}")
             if value == "strict":
                 parsed[key] = value
         elif "." in key:
             segments = key.split(".")
-            if len(segments) > 8 or not all(_SEGMENT.match(s) for s in segments):
+            if len(segments) > 8 or not all(_SEGMENT.fullmatch(s) for s in segments):
                 raise ValidationError(name, "a custom capability is a dot path of at most 8 names of "
                                             "letters, digits, '_' or '-'")
             parsed[key] = _custom_value(value, name)
@@ -111,7 +110,7 @@ def _number(value: Any, name: str) -> float | int | None:
     if value == "all":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_NUMBER:
-        raise ValidationError(name, f"expected a number from 0 to {MAX_NUMBER} or \"all\", got {value!r}")
+        raise ValidationError(name, f"expected a number from 0 to {MAX_NUMBER} or \"all\", got {shown(value)}")
     return int(value) if float(value).is_integer() else float(value)
 
 
@@ -120,7 +119,7 @@ def _names(value: Any, name: str) -> list[str]:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(i, str) and 0 < len(i) <= 256 for i in items):
-        raise ValidationError(name, f"expected a name or a list of names, got {value!r}")
+        raise ValidationError(name, f"expected a name or a list of names, got {shown(value)}")
     return sorted(set(items))
 
 
@@ -128,7 +127,7 @@ def _custom_value(value: Any, name: str) -> Any:
     scalar = (str, int, float, bool)
     if isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(i, scalar) for i in value)):
         return value
-    raise ValidationError(name, f"expected a string, number, boolean or a list of them, got {value!r}")
+    raise ValidationError(name, f"expected a string, number, boolean or a list of them, got {shown(value)}")
 
 
 # -- classes -------------------------------------------------------------------------------------------------
@@ -251,41 +250,3 @@ def _as_float(value: Any) -> float:
         except (TypeError, ValueError):
             return 0.0
     return float(value)
-
-
-# -- the worker's side -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerProfile:
-    """What a worker declares beyond hardware: customer access and custom capabilities.
-
-    Settings: WORKER_CUSTOMER_ISOLATION (or CUSTOMER_ISOLATION; strict|loose, default loose),
-    WORKER_ALLOWED_CUSTOMERS and WORKER_DENIED_CUSTOMERS (comma lists), WORKER_CUSTOM_CAPABILITIES (a JSON
-    object, matched by `custom.<path>` requirements), WORKER_GPU_INDEX (set per GPU worker by bin/appliance).
-    """
-
-    isolation: str = "loose"
-    allowed_customers: tuple[str, ...] = ()
-    denied_customers: tuple[str, ...] = ()
-    custom: dict[str, Any] = field(default_factory=dict)
-    gpu_index: str = ""
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> WorkerProfile:
-        e = Env(env)
-        isolation = e.choice("WORKER_CUSTOMER_ISOLATION", e.choice("CUSTOMER_ISOLATION", "loose",
-                                                                   ("strict", "loose")), ("strict", "loose"))
-        raw = e.raw("WORKER_CUSTOM_CAPABILITIES")
-        custom: Any = {}
-        if raw is not None:
-            try:
-                custom = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                custom = None
-            if not isinstance(custom, dict):
-                raise SettingsError(f"WORKER_CUSTOM_CAPABILITIES={raw!r}: expected a JSON object")
-        return cls(isolation, e.list("WORKER_ALLOWED_CUSTOMERS", ()), e.list("WORKER_DENIED_CUSTOMERS", ()),
-                   custom, e.str("WORKER_GPU_INDEX", ""))
-
-    def customer_access(self) -> dict[str, Any]:
-        return {"isolation": self.isolation, "allowed_customers": list(self.allowed_customers),
-                "denied_customers": list(self.denied_customers)}

@@ -43,6 +43,12 @@ class Queue:
         """
         requirements = parse_requirements(spec.requirements)
         job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
+        if spec.submitted_by:
+            # before the job exists, so that it is never missing from its key's listings (scored by submit time,
+            # for prune_submitted's grace); a submit that then fails leaves a member that listings ignore (it is
+            # not in index_all) and prune_submitted drops
+            self.client.zadd(self.keys.index_submitter(spec.submitted_by),
+                             {spec.id: clock.now_ms() if now_ms is None else now_ms})
         try:
             submitted = self.scripts.submit(spec.id, spec.service_required, spec.priority, spec.stored_fields(),
                                             job_class, now_ms=now_ms)
@@ -94,11 +100,20 @@ class Queue:
             return dict.fromkeys(services, idle)
         return {service: note for service, note in zip(services, notes, strict=True) if note}
 
+    def submitter(self, job_id: str) -> str | None:
+        """The name of the API key that submitted a job ('' for none), or None if there is no such job."""
+        status, name = cast(list[str | None], self.client.hmget(self.keys.job(job_id), ["status", "submitted_by"]))
+        return None if status is None else name or ""
+
     def list(self, status: str | None = None, service: str | None = None, limit: int = 50,
-             offset: int = 0) -> tuple[builtins.list[dict[str, Any]], int]:
-        """Jobs newest first, filtered by status and/or service, from the indexes; returns (page, total)."""
+             offset: int = 0, submitted_by: str | None = None) -> tuple[builtins.list[dict[str, Any]], int]:
+        """Jobs newest first, filtered by status and/or service, from the indexes; returns (page, total).
+
+        With `submitted_by`, only the jobs that API key submitted."""
         self.scripts.prune()
         k = self.keys
+        if submitted_by is not None:
+            return self._list_submitted(submitted_by, status, service, limit, offset)
         if status and service:
             scratch = k.scratch(uuid.uuid4().hex)
             pipe = self.client.pipeline(transaction=True)
@@ -114,6 +129,35 @@ class Queue:
             pipe.zcard(index)
             ids, total = pipe.execute()
         return self.get_many(ids), int(total)
+
+    def _list_submitted(self, name: str, status: str | None, service: str | None, limit: int,
+                        offset: int) -> tuple[builtins.list[dict[str, Any]], int]:
+        """One API key's jobs: its index intersected with index_all (which expired jobs have left) and the
+        filters, newest first by index_all's sequence (exact, where submit times may tie)."""
+        k = self.keys
+        scratch = k.scratch(uuid.uuid4().hex)
+        filters = ([k.index_status(status)] if status else []) + ([k.index_service(service)] if service else [])
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zinterstore(scratch, {k.index_submitter(name): 0, k.index_all: 1, **dict.fromkeys(filters, 0)})
+        pipe.zrevrange(scratch, offset, offset + limit - 1)
+        pipe.zcard(scratch)
+        pipe.delete(scratch)
+        _, ids, total, _ = pipe.execute()
+        return self.get_many(ids), int(total)
+
+    def prune_submitted(self, now_ms: int | None = None, grace_ms: int = 60_000) -> int:
+        """Drop from every API key's listing index the jobs that left index_all (expired) or never got there (a
+        submit that failed) more than `grace_ms` ago; returns how many were dropped. Listings ignore them
+        anyway: this bounds the memory of the indexes."""
+        k = self.keys
+        cutoff = (clock.now_ms() if now_ms is None else now_ms) - grace_ms
+        dropped = 0
+        for own in self.client.scan_iter(match=k.index_submitter_prefix + "*", count=100, _type="zset"):
+            flat = cast(list[str], self.client.zdiff([own, k.index_all], withscores=True))  # member, score, ...
+            stale = [member for member, score in zip(flat[::2], flat[1::2], strict=True) if float(score) < cutoff]
+            if stale:
+                dropped += int(self.client.zrem(own, *stale))
+        return dropped
 
     def cancel(self, job_id: str, reason: str = "Job cancelled by user") -> str:
         return self.scripts.cancel(job_id, reason)

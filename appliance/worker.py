@@ -3,6 +3,10 @@
 Runs under gevent (see `appliance.worker_process`): one greenlet per running job, one for heartbeats and
 lease renewal, one listening for wake-ups and cancels. `run_once(now_ms)` is one claim step, so tests can
 drive the loop and its clock.
+
+Every Redis call goes through `_redis`: an outage (appliance.retry.is_outage) is waited out with backoff, while
+running jobs go on and hold their progress and outcomes; any other error ends the worker with the error logged
+(exit status 1), so that supervisord restarts it and its log says why.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ import functools
 import logging
 import os
 import platform
-import random
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,10 +29,10 @@ import redis
 
 from appliance import __version__, clock
 from appliance.classes import ClaimPlanner, ClassBook
-from appliance.connector import Connector, ConnectorError, JobContext, JobStopped
+from appliance.connector import Connector, ConnectorError, JobContext, JobStopped, ServiceUnavailable
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
-from appliance.matching import WorkerProfile
+from appliance.retry import is_outage, outage_waits
 from appliance.scripts import Claimed, Completion, Scripts
 from appliance.settings import WorkerSettings
 from appliance.telemetry import HostSampler
@@ -37,9 +41,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_GRACE_S = 5.0
 BACKLOG_MAX = 100
-# Errors that mean "Redis is unreachable or failing over": writes are held and retried. Any other error is a
-# bug or a refusal, and is raised.
-OUTAGE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+DEREGISTER_WAIT_S = 10.0     # how long a stopping worker waits out an outage to deregister
+OUTAGE_LOG_EVERY_S = 10.0    # while Redis is away, how often each waiting call says so again
+ERROR_DETAILS_MAX_BYTES = 64 * 1024  # a failure's connector details, as JSON, stored at most this long
+
+
+class Stopping(Exception):
+    """A call that waited out a Redis outage gave up because the worker is stopping."""
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Worker:
                 self.by_service.setdefault(service, connector)
         self.services = tuple(s for s in settings.services if s in self.by_service)
         self.sampler = sampler or HostSampler.for_worker(settings.env)
-        self.profile = WorkerProfile.from_env(settings.env)  # customer access, custom capabilities
+        self.profile = settings.profile  # customer access, custom capabilities
         self.planner = ClaimPlanner(ClassBook(client, self.keys, self.scripts))
         self.running: dict[str, Running] = {}
         self.draining = False
@@ -86,6 +94,10 @@ class Worker:
         self._completions_ready = gevent.event.Event()
         self._reporter: gevent.Greenlet | None = None
         self._term_count = 0
+        self._fatal: BaseException | None = None
+        # outages are retried often enough that a holder renews its leases within a sixth of a lease of Redis's
+        # return (see present in appliance/lua/_lib.lua)
+        self._outage_cap_s = min(2.0, settings.queue.lease_ms / 6000)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
@@ -122,14 +134,21 @@ class Worker:
             "pid": str(os.getpid()),
             "hostname": socket.gethostname(),
             "version": __version__,
-            "last_heartbeat_ms": str(clock.now_ms()),
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
+            "services_health": self.services_health(),
         }
-        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields, self.offers())
+        running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
+        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields, self.offers(),
+                                               running=running)
         log.info("worker registered id=%s services=%s max_concurrent=%d", self.id, ",".join(self.services),
                  self.settings.max_concurrent_jobs)
         if orphans:
-            log.warning("recovered %d jobs an earlier process of worker %s left running", orphans, self.id)
+            log.warning("recovered %d jobs an earlier process of worker %s left running (each retried after its "
+                        "backoff)", orphans, self.id)
+
+    def services_health(self) -> str:
+        """Each configured service's backing-service state (Connector.health_info), as JSON for the record."""
+        return orjson.dumps({s: self.by_service[s].health_info() for s in self.services}).decode()
 
     def offers(self) -> dict[str, str]:
         """The services this worker is configured for: '' for each healthy one, else why it is not (the
@@ -140,28 +159,53 @@ class Worker:
             offers[service] = "" if connector.healthy() else connector.health_error() or "its health check fails"
         return offers
 
-    def run(self) -> None:
-        """Register, then claim and run jobs until told to stop; hand back what is left; deregister."""
-        for connector in self.connectors.values():
-            connector.start()
-        self._retry_forever(self.register, "register")
+    def run(self, stop_requested: Callable[[], bool] = lambda: False) -> int:
+        """Register, then claim and run jobs until told to stop; hand back what is left; deregister.
+
+        Signal handlers come first: a SIGTERM at any moment stops the worker cleanly. `stop_requested` says
+        whether a stop came before they were installed (the process's own early handler, or supervisord); the
+        worker then exits without registering. Returns the exit status: 0 after a clean stop, 1 after an error
+        that is not a Redis outage (logged; supervisord starts the worker again)."""
         gevent.signal_handler(signal.SIGTERM, self.terminate)
         gevent.signal_handler(signal.SIGINT, self.terminate)
-        self._greenlets = [gevent.spawn(self._heartbeat_loop), gevent.spawn(self._listen_loop)]
+        if stop_requested():
+            log.info("worker %s was told to stop before it registered: exiting", self.id)
+            return 0
+        registered = False
         try:
-            while not self.draining:
-                self._guard(self.run_once, 0)
-                if not self._backlog or self.free_slots() == 0 or not self.services:
+            for connector in self.connectors.values():
+                connector.start()
+            try:
+                if self.draining:
+                    raise Stopping("register")
+                self._redis(self.register, "register", give_up=lambda: self.draining)
+            except Stopping:
+                log.info("worker %s was told to stop before it could register: exiting", self.id)
+                return 0
+            registered = True
+            self._greenlets = [gevent.spawn(self._guarded, self._heartbeat_loop, "the heartbeat"),
+                               gevent.spawn(self._guarded, self._listen_loop, "the wake-up listener")]
+            while not self.draining and self._fatal is None:
+                try:
+                    self._redis(self.run_once, "claim", give_up=self._leaving)
+                except Stopping:
+                    break
+                if self._fatal is None and (not self._backlog or self.free_slots() == 0 or not self.services):
                     self._wait_for_work()
-            self._drain()
+            if self._fatal is None:
+                self._drain()
+        except Exception as exc:  # not an outage (those are waited out): the worker ends, supervisord restarts it
+            self._die(exc, "the claim loop")
         finally:
             for greenlet in self._greenlets:
                 greenlet.kill(block=False)
-            self._guard(lambda: self.scripts.deregister_worker(self.id), 0)
+            if registered:
+                self._deregister()
             for connector in self.connectors.values():
                 connector.stop()
             self.stopped.set()
             log.info("worker stopped id=%s", self.id)
+        return 0 if self._fatal is None else 1
 
     def terminate(self) -> None:
         """SIGTERM: the first stops claiming and drains; the second hands back running jobs at once."""
@@ -173,13 +217,36 @@ class Worker:
             for job in list(self.running.values()):
                 job.context.stop("shutdown")
 
+    def _leaving(self) -> bool:
+        return self.draining or self._fatal is not None
+
+    def _deregister(self) -> None:
+        """Remove the worker's record: after a clean stop, waiting out an outage for up to DEREGISTER_WAIT_S;
+        after an error, one try (its jobs are recovered when a worker with this id registers again)."""
+        deadline = time.monotonic() + DEREGISTER_WAIT_S
+        try:
+            if self._fatal is not None:
+                self.scripts.deregister_worker(self.id)
+            else:
+                self._redis(lambda: self.scripts.deregister_worker(self.id), "deregister",
+                            give_up=lambda: time.monotonic() > deadline)
+        except Stopping:
+            log.warning("could not deregister worker %s: Redis stayed unavailable for %.0fs", self.id,
+                        DEREGISTER_WAIT_S)
+        except Exception as exc:
+            log.warning("could not deregister worker %s: %s", self.id, exc)
+
     def _drain(self) -> None:
-        self._guard(lambda: self.scripts.leave_idle(self.id, self.services), None)
+        try:
+            self._redis(lambda: self.scripts.leave_idle(self.id, self.services), "leave the idle sets",
+                        give_up=lambda: True)
+        except Stopping:
+            pass  # Redis is away: a wake-up for this worker skips it once it stops listening
         if self.running:
             log.info("draining: waiting up to %ds for %d running jobs", self.settings.drain_seconds,
                      len(self.running))
         deadline = gevent.get_hub().loop.now() + self.settings.drain_seconds
-        while self.running and gevent.get_hub().loop.now() < deadline:
+        while self.running and gevent.get_hub().loop.now() < deadline and self._fatal is None:
             if all(job.context.stop_reason == "shutdown" for job in self.running.values()):
                 break
             self._wake.clear()
@@ -241,7 +308,8 @@ class Worker:
     def _start(self, claimed: Claimed) -> None:
         fields = claimed.fields
         context = JobContext(fields, _json_object(fields.get("payload")), _json_object(fields.get("requirements")),
-                             lambda pct, msg, step, total: self._report(claimed, pct, msg, step, total))
+                             lambda pct, msg, step, total: self._report(claimed, pct, msg, step, total),
+                             lambda fields, event: self._annotate(claimed, fields, event))
         job = Running(claimed, context)
         old = self.running.get(claimed.id)
         if old is not None:  # it lost the job (lease expired) and claimed it again: the old attempt is void
@@ -265,6 +333,8 @@ class Worker:
                 context.stop("timeout")
                 self._hard_stop(connector, context, runner)
             self._record(job, runner)
+        except Exception as exc:  # not an outage: the worker ends (its jobs are recovered when it registers again)
+            self._die(exc, f"recording the outcome of job {claimed.id}")
         finally:
             if self.running.get(claimed.id) is job:
                 del self.running[claimed.id]
@@ -299,26 +369,40 @@ class Worker:
             reason = context.stop_reason
         try:
             if reason == "lost":
-                log.warning("job lost id=%s: another worker holds it now; its outcome is dropped", job_id)
+                log.warning("job lost id=%s: this attempt no longer holds it (cancelled, or its lease ran out); its "
+                            "outcome is dropped", job_id)
             elif finished and reason != "cancel":
                 self._complete(Completion(job_id, self.id, attempt, outcome.value))
                 log.info("job completed id=%s", job_id)
             elif reason == "shutdown":
-                self._persist(lambda: self.scripts.release(job_id, self.id, attempt, "worker shutting down"))
+                self._redis(lambda: self.scripts.release(job_id, self.id, attempt, "worker shutting down"),
+                            "hand back a job")
                 log.info("job handed back id=%s", job_id)
             elif reason == "cancel":
-                self._persist(lambda: self.scripts.fail(job_id, self.id, attempt, "Job cancelled by user",
-                                                        retryable=False, delay_ms=0, final_status="cancelled"))
-                log.info("job cancelled id=%s", job_id)
+                self._cancelled(job_id, attempt)
             elif reason == "timeout":
                 message = f"Job timed out after {self.timeout_s(claimed.fields):g}s"
-                self._fail(job_id, attempt, message, retryable=True, final_status="timeout", claimed=claimed)
+                self._fail(job_id, attempt, message, retryable=True, final_status="timeout")
+            elif isinstance(error, ServiceUnavailable):  # the service's outage, not the job's failure
+                self._redis(lambda: self.scripts.release(job_id, self.id, attempt, f"handed back: {error}"),
+                            "hand back a job")
+                log.warning("job handed back id=%s: %s", job_id, error)
             elif isinstance(error, ConnectorError):
-                self._fail(job_id, attempt, str(error), retryable=error.retryable, claimed=claimed)
+                self._fail(job_id, attempt, str(error), retryable=error.retryable, details=error.details)
             else:
-                self._fail(job_id, attempt, f"{type(error).__name__}: {error}", retryable=True, claimed=claimed)
+                self._fail(job_id, attempt, f"{type(error).__name__}: {error}", retryable=True)
         except (JobLost, JobNotFound) as exc:
             log.warning("job outcome refused id=%s: %s", job_id, exc)
+
+    def _cancelled(self, job_id: str, attempt: str) -> None:
+        """A cancelled job's connector has stopped. The cancel ended the job in Redis already (cancel_job); a
+        job whose cancel was only flagged (a record from before that) is ended here."""
+        try:
+            self._redis(lambda: self.scripts.fail(job_id, self.id, attempt, "Job cancelled by user",
+                                                  retryable=False, final_status="cancelled"), "record a cancel")
+        except (JobLost, JobNotFound):
+            pass
+        log.info("job cancelled id=%s", job_id)
 
     def _complete(self, completion: Completion) -> None:
         """Record a success through the reporter, which sends the completions of jobs that finish together
@@ -343,7 +427,8 @@ class Worker:
             if not batch:
                 continue
             try:
-                codes = self._persist(functools.partial(self.scripts.complete_many, [c for c, _ in batch]))
+                codes = self._redis(functools.partial(self.scripts.complete_many, [c for c, _ in batch]),
+                                    "record completions")
             except Exception as exc:  # not an outage: each waiting job gets the error
                 for _, done in batch:
                     done.set_exception(exc)
@@ -351,11 +436,14 @@ class Worker:
             for (_, done), code in zip(batch, codes, strict=True):
                 done.set(code)
 
-    def _fail(self, job_id: str, attempt: str, message: str, *, retryable: bool, claimed: Claimed,
-              final_status: str = "failed") -> None:
-        result = self._persist(lambda: self.scripts.fail(
-            job_id, self.id, attempt, message, retryable=retryable,
-            delay_ms=self.retry_delay_ms(int(claimed.fields.get("retry_count") or 0)), final_status=final_status))
+    def _fail(self, job_id: str, attempt: str, message: str, *, retryable: bool,
+              final_status: str = "failed", details: dict[str, Any] | None = None) -> None:
+        """Record a failed attempt: retried after its backoff (appliance.retry, computed by the script) while
+        retries remain, else ended. `details` (the connector's) are stored with it, bounded in size."""
+        text = _details_json(details)
+        result = self._redis(lambda: self.scripts.fail(job_id, self.id, attempt, message, retryable=retryable,
+                                                       final_status=final_status, details=text),
+                             "record a failure")
         if result.retrying:
             log.warning("job failed, will retry id=%s retry=%d error=%s", job_id, result.retry_count, message)
             if self._next_due_ms is None or result.due_ms < self._next_due_ms:
@@ -363,12 +451,6 @@ class Worker:
             self._wake.set()  # the claim loop waits until the retry is due, not for the poll interval
         else:
             log.warning("job ended id=%s status=%s error=%s", job_id, result.status, message)
-
-    def retry_delay_ms(self, retry_count: int) -> int:
-        """Exponential backoff with full jitter between half and all of the step."""
-        q = self.settings.queue
-        step = min(q.retry_max_ms, q.retry_base_ms * (2 ** min(retry_count, 30)))
-        return int(step * random.uniform(0.5, 1.0))
 
     def _report(self, claimed: Claimed, percent: int, message: str, step: int | str, total: int | str) -> None:
         """Write a progress step; while Redis is down, hold steps (the latest BACKLOG_MAX) to deliver later."""
@@ -380,20 +462,45 @@ class Worker:
         self._flush_progress(job, persist=False)
 
     def _flush_progress(self, job: Running, *, persist: bool) -> None:
+        """Write the held progress steps in order. With `persist` (the job's end), wait out an outage; without,
+        keep them held until the next step or the end. An error that is not an outage ends the worker."""
         claimed = job.claimed
         while job.backlog:
             write = functools.partial(self.scripts.progress, claimed.id, self.id, claimed.attempt, *job.backlog[0])
             try:
-                self._persist(write) if persist else write()
+                self._redis(write, "write progress") if persist else write()
             except (JobLost, JobNotFound):
                 job.backlog.clear()
                 job.context.stop("lost")
                 return
             except redis.RedisError as exc:
-                log.warning("progress held until Redis is back id=%s (%d steps held): %s", claimed.id,
-                            len(job.backlog), exc)
+                if is_outage(exc):
+                    log.warning("progress held until Redis is back id=%s (%d steps held): %s", claimed.id,
+                                len(job.backlog), exc)
+                elif not persist:  # raised from a connector's progress call: never into the connector
+                    self._die(exc, f"writing progress of job {claimed.id}")
+                else:
+                    raise
                 return
             job.backlog.pop(0)
+
+    def _annotate(self, claimed: Claimed, fields: dict[str, str], event: str) -> None:
+        """A connector's own fields on its job (`<service>_...` only), fenced by the attempt like progress. One
+        try: while Redis is away or the job was lost, it is logged and dropped."""
+        job = self.running.get(claimed.id)
+        if job is None or job.claimed is not claimed:
+            return
+        prefix = job.context.service + "_"
+        named = {str(k): str(v) for k, v in fields.items() if str(k).startswith(prefix)}
+        if len(named) != len(fields):
+            log.warning("job annotation refused id=%s: field names must start with %r", claimed.id, prefix)
+            return
+        try:
+            self.scripts.annotate(claimed.id, self.id, claimed.attempt, named, event)
+        except (JobLost, JobNotFound):
+            job.context.stop("lost")
+        except redis.RedisError as exc:
+            log.warning("job annotation dropped id=%s: %s", claimed.id, exc)
 
     def stop_job(self, job_id: str, reason: str) -> bool:
         job = self.running.get(job_id)
@@ -405,13 +512,12 @@ class Worker:
     # -- background loops -----------------------------------------------------------------------------
     def heartbeat(self, now_ms: int | None = None) -> None:
         """Refresh heartbeat, telemetry and leases; stop jobs whose lease was lost; re-register if unknown."""
-        ms = clock.now_ms() if now_ms is None else now_ms
         offers = self.offers()
         fields = {
             "telemetry": orjson.dumps(self.sampler.sample()).decode(),
             "capabilities": orjson.dumps(self.capabilities()).decode(),
             "services": ",".join(s for s, error in offers.items() if not error),
-            "last_heartbeat_ms": str(ms),
+            "services_health": self.services_health(),
         }
         running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
         beat = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
@@ -437,32 +543,35 @@ class Worker:
         return min(self.settings.heartbeat_interval_ms, self.settings.queue.lease_ms / 3) / 1000
 
     def _heartbeat_loop(self) -> None:
+        """Beat every interval; while Redis is away, try again at short intervals (outage_waits), so that the
+        worker renews its leases soon after Redis is back."""
         while True:
             gevent.sleep(self.beat_interval_s())
-            self._guard(self.heartbeat, None)
+            self._redis(self.heartbeat, "heartbeat")
 
     def _listen_loop(self) -> None:
-        channels = [self.keys.wake(s) for s in self.services] + [self.keys.wake_worker(self.id), self.keys.cancels]
         while True:
-            pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(*channels)
-                # Read the subscribed connection directly: PubSub.listen's per-message machinery costs more
-                # than the message (wake-ups arrive every few jobs under load).
-                connection = pubsub.connection
-                for _ in channels:  # subscribed for sure before the claim below can make this worker idle
-                    connection.read_response()
-                self._woken()  # anything submitted while we were not listening
-                own = self.keys.wake_worker(self.id)
-                while True:
-                    kind, channel, data = connection.read_response()
-                    if kind == "message":
-                        self._on_message(channel, data, own)
-            except redis.RedisError as exc:
-                log.warning("wake-up listener lost Redis (%s); retrying in 1s", exc)
-                gevent.sleep(1)
-            finally:
-                pubsub.close()
+            self._redis(self._listen, "listen for wake-ups")
+
+    def _listen(self) -> None:
+        """Subscribe to the worker's wake-up and cancel channels and handle messages until the connection fails."""
+        channels = [self.keys.wake(s) for s in self.services] + [self.keys.wake_worker(self.id), self.keys.cancels]
+        pubsub = self.listener_client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(*channels)
+            # Read the subscribed connection directly: PubSub.listen's per-message machinery costs more than the
+            # message (wake-ups arrive every few jobs under load).
+            connection = pubsub.connection
+            for _ in channels:  # subscribed for sure before the claim below can make this worker idle
+                connection.read_response()
+            self._woken()  # anything submitted while we were not listening
+            own = self.keys.wake_worker(self.id)
+            while True:
+                kind, channel, data = connection.read_response()
+                if kind == "message":
+                    self._on_message(channel, data, own)
+        finally:
+            pubsub.close()
 
     def _on_message(self, channel: str, data: str, own: str) -> None:
         try:
@@ -503,11 +612,13 @@ class Worker:
         background; `_drain` waits for these before the worker deregisters."""
         def release() -> None:
             try:
-                self._persist(lambda: self.scripts.release(claimed.id, self.id, claimed.attempt,
-                                                           f"handed back: {why}"))
+                self._redis(lambda: self.scripts.release(claimed.id, self.id, claimed.attempt, f"handed back: {why}"),
+                            "hand back a job")
                 log.info("job handed back id=%s: %s", claimed.id, why)
             except (JobLost, JobNotFound) as exc:
                 log.warning("job hand-back refused id=%s: %s", claimed.id, exc)
+            except Exception as exc:
+                self._die(exc, f"handing back job {claimed.id}")
 
         self._giving_back = [g for g in self._giving_back if not g.dead] + [gevent.spawn(release)]
 
@@ -519,37 +630,49 @@ class Worker:
         if command.get("worker_id") == self.id and self.stop_job(str(command.get("job_id")), "cancel"):
             log.info("cancel requested id=%s", command.get("job_id"))
 
-    # -- Redis outages --------------------------------------------------------------------------------
-    def _guard(self, fn: Callable[[], T], default: T) -> T:
-        """Run fn; on a Redis error log it, back off briefly and return `default` (loops go on)."""
-        try:
-            return fn()
-        except redis.RedisError as exc:
-            log.warning("Redis unavailable (%s): retrying", exc)
-            gevent.sleep(0.5)
-            return default
-
-    def _persist(self, fn: Callable[[], T]) -> T:
-        """Run a write that must not be lost (a job's outcome), retrying until Redis takes it."""
-        delay = 0.1
+    # -- Redis outages and errors ------------------------------------------------------------------------
+    def _redis(self, fn: Callable[[], T], what: str, give_up: Callable[[], bool] | None = None) -> T:
+        """Run `fn`, waiting out Redis outages (appliance.retry.is_outage) with backoff until it succeeds, or
+        until `give_up()` (asked after each failure) says to stop: then Stopping is raised. Any other error is
+        raised as it is: it is a bug or a misconfiguration, and ends the worker (`_die`)."""
+        waits = outage_waits(self._outage_cap_s)
+        began = said = 0.0
         while True:
             try:
-                return fn()
-            except OUTAGE as exc:
-                log.warning("Redis unavailable (%s): holding the outcome, retrying in %.1fs", exc, delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    def _retry_forever(self, fn: Callable[[], None], what: str) -> None:
-        delay = 0.2
-        while True:
-            try:
-                fn()
-                return
+                value = fn()
             except redis.RedisError as exc:
-                log.warning("cannot %s, Redis unavailable (%s): retrying in %.1fs", what, exc, delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not is_outage(exc):
+                    raise
+                now = time.monotonic()
+                if not began:
+                    began = said = now
+                    log.warning("Redis unavailable (%s): %s waits for it", exc, what)
+                elif now - said >= OUTAGE_LOG_EVERY_S:
+                    said = now
+                    log.warning("Redis still unavailable after %.0fs (%s): %s waits for it", now - began, exc, what)
+                if give_up is not None and give_up():
+                    raise Stopping(what) from exc
+                gevent.sleep(next(waits))
+                continue
+            if began:
+                log.info("Redis is back: %s went through after %.1fs", what, time.monotonic() - began)
+            return value
+
+    def _guarded(self, loop: Callable[[], None], what: str) -> None:
+        """Run a background loop; an error that escapes it (not an outage: those are waited out) ends the worker."""
+        try:
+            loop()
+        except Exception as exc:
+            self._die(exc, what)
+
+    def _die(self, exc: BaseException, what: str) -> None:
+        """End the worker after an error that is not a Redis outage: log it (once), stop claiming; `run` returns
+        1, and supervisord starts the worker again."""
+        if self._fatal is None:
+            self._fatal = exc
+            log.error("%s failed with an error that is not a Redis outage; stopping the worker (exit 1) so that "
+                      "it is started again: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        self._wake.set()
 
 
 @dataclass(frozen=True)
@@ -567,6 +690,20 @@ def _outcome(fn: Callable[[JobContext], Any], context: JobContext) -> Outcome:
         if not isinstance(exc, (ConnectorError, JobStopped)):
             log.exception("connector raised id=%s", context.id)
         return Outcome(error=exc)
+
+
+def _details_json(details: dict[str, Any] | None) -> str:
+    """A failure's details as JSON of at most ERROR_DETAILS_MAX_BYTES; when longer, a marker with the start."""
+    if not details:
+        return ""
+    try:
+        text = orjson.dumps(details, default=str)
+    except TypeError as exc:
+        return orjson.dumps({"_unserialisable": str(exc)}).decode()
+    if len(text) <= ERROR_DETAILS_MAX_BYTES:
+        return text.decode()
+    head = text[:ERROR_DETAILS_MAX_BYTES - 200].decode(errors="ignore")
+    return orjson.dumps({"_truncated": f"{len(text)} bytes, cut to the first {len(head)}", "start": head}).decode()
 
 
 def _json_object(value: str | None) -> dict[str, Any]:

@@ -1,4 +1,19 @@
-"""Entry point of one worker process: `python -m appliance.worker_process` (supervisord runs it)."""
+"""Entry point of one worker process: `python -m appliance.worker_process` (supervisord runs it).
+
+A stop signal is caught from the first line on: one that arrives before the worker's own handlers are installed
+is remembered, and the worker then exits without registering. supervisord may also send SIGTERM before this
+process exists as Python (between its fork and exec, where the signal is lost): the worker asks supervisord
+whether it is being stopped before it registers.
+
+Exit status: 0 after a clean stop, 1 after an error that is not a Redis outage (logged), 2 for a bad setting
+(one line naming it).
+"""
+
+import signal
+
+_stops: list[int] = []
+signal.signal(signal.SIGTERM, lambda signum, frame: _stops.append(signum))
+signal.signal(signal.SIGINT, lambda signum, frame: _stops.append(signum))
 
 from gevent import monkey
 
@@ -6,12 +21,38 @@ monkey.patch_all()
 
 import logging
 import sys
+import xmlrpc.client
+from typing import Any
 
 from appliance.connector import load_connectors
 from appliance.logs import setup_logging
 from appliance.redis_conn import connect
 from appliance.settings import SettingsError, WorkerSettings
 from appliance.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def stop_requested(settings: WorkerSettings) -> bool:
+    """Whether a stop came before the worker's handlers were installed: caught by the early handler above, or
+    sent by supervisord before this process could catch it (supervisord marks the process STOPPING before it
+    signals it, so a stop asked for after this question reaches the worker's handlers)."""
+    if _stops:
+        return True
+    if not settings.supervisor_url or not settings.supervisor_process:
+        return False
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, settings.supervisor_url)
+    try:
+        rpc: Any = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        info = rpc.supervisor.getProcessInfo(settings.supervisor_process)
+        return str(info.get("statename")) == "STOPPING"
+    except (OSError, xmlrpc.client.Error) as exc:
+        log.warning("could not ask supervisord whether this worker is being stopped: %s", exc)
+        return False
+    finally:
+        transport.close()
 
 
 def main() -> int:
@@ -24,13 +65,11 @@ def main() -> int:
     setup_logging(settings.queue.log_level, f"worker {settings.worker_id}")
     missing = [s for s in settings.services if not any(s in c.services for c in connectors.values())]
     if missing:
-        logging.getLogger(__name__).warning(
-            "WORKER_SERVICES lists %s but no loaded connector serves it; add its connector to WORKER_CONNECTORS",
-            ",".join(missing))
+        log.warning("WORKER_SERVICES lists %s but no loaded connector serves it; add its connector to "
+                    "WORKER_CONNECTORS", ",".join(missing))
     client = connect(settings.queue.redis_url, max_connections=settings.max_concurrent_jobs + 8)
     listener = connect(settings.queue.redis_url, blocking=True, max_connections=2)
-    Worker(settings, client, listener, connectors).run()
-    return 0
+    return Worker(settings, client, listener, connectors).run(lambda: stop_requested(settings))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """The simulation connector: pretends to run a GPU job in steps, reporting progress at each one.
 
 Settings (the original's): WORKER_SIMULATION_PROCESSING_TIME (seconds, default 5),
-WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, default 0).
+WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, default 0); for resilience drills,
+WORKER_SIMULATION_ALLOW_KILL (default false).
 Per-job overrides in the payload, checked at submit (`check_payload`): `duration` (ms, as the guide's curl
 sends) or `simulation_time` (seconds, as the monitor sends), each above 0 and at most a day; `steps` (1 to
 100000); `fail` (true: every attempt fails; false; an integer n >= 0: the first n attempts fail);
-`fail_retryable` (false: the failure is final).
+`fail_retryable` (false: the failure is final); `kill_worker` (true: each attempt SIGKILLs its worker process
+after its first progress step, as a job that crashes its worker would; only on workers with
+WORKER_SIMULATION_ALLOW_KILL, elsewhere the job fails at once).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +37,7 @@ class SimulationConnector(Connector):
         self.processing_time_s = e.float("WORKER_SIMULATION_PROCESSING_TIME", 5.0, 0, 86400)
         self.steps = e.int("WORKER_SIMULATION_STEPS", 10, 0, 100_000)
         self.failure_rate = e.float("WORKER_SIMULATION_FAILURE_RATE", 0.0, 0, 1)
+        self.allow_kill = e.bool("WORKER_SIMULATION_ALLOW_KILL", False)
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
@@ -42,9 +48,10 @@ class SimulationConnector(Connector):
         if not isinstance(payload.get("fail"), bool):
             payload_number(payload, "fail", "true, false, or how many attempts fail (an integer from 0)",
                            integer=True, lo_open=False)
-        retryable = payload.get("fail_retryable")
-        if retryable is not None and not isinstance(retryable, bool):
-            raise ValidationError("payload.fail_retryable", f"expected true or false, got {retryable!r}")
+        for name in ("fail_retryable", "kill_worker"):
+            value = payload.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ValidationError(f"payload.{name}", f"expected true or false, got {value!r}")
 
     @classmethod
     def payload_schema(cls) -> dict[str, Any]:
@@ -59,6 +66,8 @@ class SimulationConnector(Connector):
             "fail": {"anyOf": [{"type": ["boolean", "null"]}, {"type": "integer", "minimum": 0}],
                      "description": "true: every attempt fails; n: the first n attempts fail"},
             "fail_retryable": {"type": ["boolean", "null"], "description": "false: the failure is final"},
+            "kill_worker": {"type": ["boolean", "null"],
+                            "description": "true: each attempt kills its worker (WORKER_SIMULATION_ALLOW_KILL)"},
         }}
 
     def models(self) -> list[str]:
@@ -80,6 +89,11 @@ class SimulationConnector(Connector):
         self._maybe_fail(job)
         started = time.monotonic()
         job.progress(0, "Starting simulation", 0, steps)
+        if job.payload.get("kill_worker") is True:
+            if not self.allow_kill:
+                raise ConnectorError("payload.kill_worker: this worker does not allow it "
+                                     "(WORKER_SIMULATION_ALLOW_KILL)", retryable=False)
+            os.kill(os.getpid(), signal.SIGKILL)
         for step in range(1, steps + 1):
             job.sleep(duration_s / steps)
             job.progress(step * 100 / steps, f"Processing step {step}/{steps}", step, steps)

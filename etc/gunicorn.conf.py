@@ -4,8 +4,9 @@ import sys
 
 from gunicorn.glogging import Logger
 
+from appliance.api import gunicorn_errors
 from appliance.logs import log_format, setup_logging
-from appliance.settings import ApiSettings, SettingsError
+from appliance.settings import ApiSettings, SettingsError, redact_token
 
 try:
     _settings = ApiSettings.from_env()
@@ -25,6 +26,13 @@ timeout = 30                                        # gevent workers heartbeat t
 graceful_timeout = _settings.graceful_timeout_s     # TERM: finish requests, close streams (default 10)
 keepalive = 5
 
+# -- request limits --------------------------------------------------------------------------------
+# gunicorn refuses requests over these by itself; its answers are the API's JSON envelope (gunicorn_errors)
+limit_request_line = 4094                           # request line, bytes: 414 beyond (default 4094)
+limit_request_fields = 100                          # header fields: 431 beyond (default 100)
+limit_request_field_size = 8190                     # one header field, bytes: 431 beyond (default 8190)
+gunicorn_errors.install()
+
 # -- control socket --------------------------------------------------------------------------------
 control_socket_disable = True                       # one per host by default; two appliances would clash
 
@@ -37,6 +45,17 @@ class ApplianceLogger(Logger):
     access_fmt = log_format("api %(process)d")  # its message is the request in access_log_format
     datefmt = None                                  # logging's default, as in the workers' lines
 
+    def atoms(self, resp, req, environ, request_time):
+        """The access-log fields with API keys left out: `?token=` values, Authorization, X-API-Key."""
+        atoms = super().atoms(resp, req, environ, request_time)
+        for name in ("r", "q", "f"):
+            if isinstance(atoms.get(name), str):
+                atoms[name] = redact_token(atoms[name])
+        for name in ("{authorization}i", "{x-api-key}i"):
+            if name in atoms:
+                atoms[name] = "***"
+        return atoms
+
 
 setup_logging(_settings.queue.log_level, "api %(process)d")  # the app's loggers (the root logger)
 logger_class = ApplianceLogger
@@ -44,6 +63,12 @@ errorlog = "-"
 accesslog = "-" if _settings.access_log else None   # API_ACCESS_LOG=1: one line per request
 loglevel = _settings.queue.log_level
 proc_name = "appliance-api"
+
+
+def when_ready(server):
+    """Say who may use the API (keys or not, and where it listens)."""
+    log = server.log.info if _settings.api_keys or _settings.bind in ("127.0.0.1", "::1") else server.log.warning
+    log("api: %s", _settings.access_note())
 
 
 # -- graceful stop of live connections ------------------------------------------------------------

@@ -16,6 +16,7 @@ import xmlrpc.client
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -123,8 +124,24 @@ class PrivateAppliance:
         return f"http://127.0.0.1:{self.api_port}"
 
     @property
-    def redis_url(self) -> str:
+    def configured_redis_url(self) -> str:
+        """REDIS_URL as this appliance is started with (its embedded Redis's port, no password)."""
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def redis_password(self) -> str:
+        """The embedded Redis's password, which `bin/appliance start` keeps in the run folder."""
+        try:
+            return (self.run_dir / "redis.password").read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def redis_url(self) -> str:
+        """The embedded Redis as a client reaches it (with its password, once started)."""
+        password = self.redis_password
+        return f"redis://:{quote(password, safe='')}@127.0.0.1:{self.redis_port}/0" if password else \
+            self.configured_redis_url
 
     @property
     def socket(self) -> Path:
@@ -133,9 +150,11 @@ class PrivateAppliance:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
         env.update({
-            "APPLIANCE_RUN_DIR": str(self.run_dir), "REDIS_URL": self.redis_url, "HUB_REDIS_URL": self.redis_url,
+            "APPLIANCE_RUN_DIR": str(self.run_dir), "REDIS_URL": self.configured_redis_url,
+            "HUB_REDIS_URL": self.configured_redis_url,
             "API_PORT": str(self.api_port), "API_BIND": "127.0.0.1", "WORKER_COUNT": str(self.workers),
             "APPLIANCE_ENV_FILE": str(self.run_dir / "none.env"),
+            "API_SUBMITS_PER_SECOND": "0",   # drills submit as fast as one client can: no per-caller rate
         })
         env.update(self.extra)
         return env

@@ -28,7 +28,7 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_histor
 
 from appliance.keys import Keys  # noqa: E402
 from appliance.redis_conn import connect  # noqa: E402
-from appliance.runtime import run_paths  # noqa: E402
+from appliance.runtime import Paths, client_url, run_paths  # noqa: E402
 from appliance.settings import QueueSettings, SettingsError  # noqa: E402
 from loadtest import report  # noqa: E402
 from loadtest.audit import audit, check_order, wait_for_drain  # noqa: E402
@@ -93,8 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--env {item!r}: expected NAME=VALUE")
     if args.host:
         try:
-            args.redis_url = args.redis_url or QueueSettings.from_env(os.environ).redis_url
             args.supervisor_dir = args.supervisor_dir or run_paths(os.environ).run_dir
+            # the appliance's embedded Redis takes the password its run folder keeps
+            args.redis_url = args.redis_url or client_url(QueueSettings.from_env(os.environ).redis_url,
+                                                          Paths(args.supervisor_dir))
         except SettingsError as exc:
             p.error(f"bad setting: {exc}")
     return args

@@ -80,7 +80,9 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         "WORKER_DRAIN_SECONDS": "5",
     })
     started = appliance_cmd(env, "start")
-    client = redis.Redis(port=redis_port, decode_responses=True, socket_timeout=5)
+    password_file = run_dir / "redis.password"  # the embedded Redis's, made by the first start
+    password = password_file.read_text().strip() if password_file.exists() else None
+    client = redis.Redis(port=redis_port, password=password, decode_responses=True, socket_timeout=5)
     app = Appliance(run_dir, env, f"http://127.0.0.1:{api_port}", redis_port, client, {})
     try:
         assert started.returncode == 0, f"start failed:\n{started.stdout}\n{started.stderr}"

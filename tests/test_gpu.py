@@ -244,7 +244,8 @@ def test_status_shows_which_worker_owns_which_gpu(env_base: dict[str, str], tmp_
         assert f"1:NVIDIA L40S:{TWO['gpus'][1]['uuid']}" in lines["worker2-direct"], status.stdout
         conf = (run_dir / "conf.d" / "workers.conf").read_text()
         assert f'CUDA_VISIBLE_DEVICES="{TWO["gpus"][1]["uuid"]}"' in conf
-        client = redis.Redis(port=redis_port, decode_responses=True)
+        password = (run_dir / "redis.password").read_text().strip()  # the embedded Redis requires it
+        client = redis.Redis(port=redis_port, password=password, decode_responses=True)
         caps = orjson.loads(client.hget("worker:worker2-direct", "capabilities"))
         assert caps["hardware"]["gpu_uuid"] == TWO["gpus"][1]["uuid"]
     finally:

@@ -120,25 +120,29 @@ def test_worker_profile_settings() -> None:
 
 # -- classes ------------------------------------------------------------------------------------------------
 def test_jobs_with_requirements_live_in_their_class_queue(queue: Queue, client: redis.Redis) -> None:
+    register(queue, "any", caps())
+    register(queue, "acme-only", caps(customer_access={"allowed_customers": ["acme"]}))  # names acme
     plain = submit(queue)
     a = submit(queue, {"gpu_memory_gb": 8})
     b = submit(queue, {"gpu_memory_gb": 8.0, "models": "all"})
     c = submit(queue, {"gpu_memory_gb": 8}, customer_id="acme")
+    d = submit(queue, {"gpu_memory_gb": 8}, customer_id="nobody-names-them")
+    e = submit(queue, customer_id="nobody-names-them")
     k = queue.keys
-    assert client.hget(k.job(plain), "queue") == k.pending_service("simulation")
-    qa, qb, qc = (client.hget(k.job(j), "queue") for j in (a, b, c))
-    assert qa == qb != qc
+    assert client.hget(k.job(plain), "queue") == client.hget(k.job(e), "queue") == k.pending_service("simulation")
+    qa, qb, qc, qd = (client.hget(k.job(j), "queue") for j in (a, b, c, d))
+    assert qa == qb == qd != qc, "a customer makes a class of its own only when a worker names it"
     assert qa.startswith("jobs:pending:simulation:req:")
-    assert client.zrange(qa, 0, -1) == sorted([a, b]) or set(client.zrange(qa, 0, -1)) == {a, b}
+    assert set(client.zrange(qa, 0, -1)) == {a, b, d}
     assert client.scard(k.requirement_classes("simulation")) == 2
     assert int(client.get(k.classes_version)) == 2
-    assert client.zcard(k.pending) == 4  # the guide's global view still shows every pending job
+    assert client.zcard(k.pending) == 6  # the guide's global view still shows every pending job
 
 
 def test_idle_empty_classes_are_forgotten_and_come_back_with_their_next_job(queue: Queue,
                                                                             client: redis.Redis) -> None:
     k = queue.keys
-    worker = caps()
+    worker = caps(customer_access={"allowed_customers": ["gone", "waiting"]})  # named: a class each
     register(queue, "w", worker)
     gone = submit(queue, {"gpu_memory_gb": 1}, customer_id="gone")
     waiting = submit(queue, {"gpu_memory_gb": 1}, customer_id="waiting", priority=1)

@@ -393,11 +393,15 @@ def test_expired_lease_is_recovered_and_the_stale_holder_refused(queue: Queue, c
     assert client.zscore(k.leases, "j1") == T0 + LEASE_MS
     assert queue.scripts.recover(now_ms=T0 + LEASE_MS - 1).jobs == 0
     assert client.hget(k.job("j1"), "status") == "assigned"
-    assert queue.scripts.recover(now_ms=T0 + LEASE_MS).jobs == 1
+    assert queue.scripts.recover(now_ms=T0 + LEASE_MS, jitter=1.0).jobs == 1
     record = client.hgetall(k.job("j1"))
     assert record["status"] == "pending" and record["retry_count"] == "1" and record["last_failed_worker"] == "w1"
-    assert client.zrevrange(k.pending, 0, -1) == ["j1"]
-    fresh = claim(queue, worker_id="w2", now_ms=T0 + LEASE_MS).jobs[0]
+    # a lost worker's job backs off like any failed attempt (the first retry: the base step, jitter 1.0)
+    due = T0 + LEASE_MS + queue.settings.retry_base_ms
+    assert record["retry_at"] == str(due) and client.zscore(k.delayed, "j1") == due
+    assert events(client, k, "j1")[-1]["retry_at"] == str(due)
+    assert client.zcard(k.pending) == 0 and claim(queue, worker_id="w2", now_ms=due - 1).jobs == []
+    fresh = claim(queue, worker_id="w2", now_ms=due).jobs[0]
     assert fresh.attempt == "2"
     # the stale holder learns it lost the job at its next heartbeat, and its writes are refused
     queue.scripts.register_worker("w1", 30, {}, now_ms=T0)
@@ -409,7 +413,7 @@ def test_expired_lease_is_recovered_and_the_stale_holder_refused(queue: Queue, c
         queue.scripts.complete("j1", "w1", stale.attempt, {"late": True}, now_ms=T0 + LEASE_MS)
     assert client.hget(k.job("j1"), "worker_id") == "w2"
     # no retries left: the next expiry ends the job
-    assert queue.scripts.recover(now_ms=T0 + 3 * LEASE_MS).jobs == 1
+    assert queue.scripts.recover(now_ms=due + LEASE_MS).jobs == 1
     record = client.hgetall(k.job("j1"))
     assert record["status"] == "failed" and "worker lost" in record["error"]
 
@@ -460,11 +464,14 @@ def test_cancel_a_job_waiting_for_its_retry(queue: Queue, client: redis.Redis) -
     assert claim_ids(queue, now_ms=T0 + 10_000) == []
 
 
-def test_cancel_running_job_tells_its_worker(queue: Queue, client: redis.Redis) -> None:
+def test_cancel_running_job_ends_it_at_once_and_fences_its_worker(queue: Queue, client: redis.Redis) -> None:
+    k = queue.keys
     submit(queue, "j1")
-    claim(queue, worker_id="w7")
+    queue.scripts.register_worker("w7", 30, {"max_concurrent_jobs": "2"}, now_ms=T0)
+    job = claim(queue, worker_id="w7").jobs[0]
+    queue.scripts.progress("j1", "w7", job.attempt, 10, "step 1", now_ms=T0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(queue.keys.cancels)
+    pubsub.subscribe(k.cancels)
     try:
         pubsub.get_message(timeout=1)
         assert queue.scripts.cancel("j1", now_ms=T0) == "cancelling"
@@ -473,8 +480,23 @@ def test_cancel_running_job_tells_its_worker(queue: Queue, client: redis.Redis) 
         assert message["data"] in ('{"job_id":"j1","worker_id":"w7"}', '{"worker_id":"w7","job_id":"j1"}')
     finally:
         pubsub.close()
-    assert client.hget(queue.keys.job("j1"), "status") == "assigned"
-    assert client.hget(queue.keys.job("j1"), "cancel_requested")
+    record = client.hgetall(k.job("j1"))
+    assert record["status"] == "cancelled" and record["error"] == "Job cancelled by user"
+    assert client.zscore(k.leases, "j1") is None and client.smembers(k.worker_jobs("w7")) == set()
+    assert client.hget(k.worker("w7"), "status") == "idle"
+    # whatever the worker's attempt writes later (it was frozen, or cut off) is refused
+    with pytest.raises(JobLost):
+        queue.scripts.progress("j1", "w7", job.attempt, 50, "late", now_ms=T0 + 1)
+    with pytest.raises(JobLost):
+        queue.scripts.complete("j1", "w7", job.attempt, {"late": True}, now_ms=T0 + 1)
+    with pytest.raises(JobLost):
+        queue.scripts.fail("j1", "w7", job.attempt, "late", retryable=True, now_ms=T0 + 1)
+    beat = queue.scripts.heartbeat_worker("w7", 30, LEASE_MS, {}, {"j1": job.attempt}, now_ms=T0 + 1)
+    assert beat is not None and beat.lost == ["j1"]  # a worker that missed the message stops the job
+    assert client.hget(k.job("j1"), "status") == "cancelled" and "result" not in client.hgetall(k.job("j1"))
+    assert [e["event"] for e in events(client, k, "j1")][-2:] == ["progress", "cancelled"]
+    with pytest.raises(JobFinished):
+        queue.scripts.cancel("j1", now_ms=T0 + 2)
 
 
 # -- retention of finished jobs ---------------------------------------------------------------------------
@@ -597,11 +619,13 @@ def test_a_batch_of_completions_updates_the_worker_once(queue: Queue, client: re
 
 
 @pytest.mark.parametrize("outcome", ["fail", "release"])
-def test_a_cancel_requested_while_running_wins_over_a_retry_or_a_hand_back(queue: Queue, client: redis.Redis,
-                                                                           outcome: str) -> None:
+def test_a_cancel_flagged_while_running_wins_over_a_retry_or_a_hand_back(queue: Queue, client: redis.Redis,
+                                                                         outcome: str) -> None:
+    """A job whose cancel was only flagged (cancel_requested: how a running job's cancel was kept before the
+    cancel ended it at once) still ends cancelled when its worker fails or hands it back."""
     submit(queue, "j1")
     job = claim(queue).jobs[0]
-    assert queue.scripts.cancel("j1", now_ms=T0) == "cancelling"
+    client.hset(queue.keys.job("j1"), "cancel_requested", "2026-01-15T08:00:00.000Z")
     if outcome == "fail":
         result = queue.scripts.fail("j1", "w1", job.attempt, "boom", retryable=True, delay_ms=0, now_ms=T0)
         assert result.status == "cancelled" and not result.retrying

@@ -28,6 +28,9 @@ BAD_WORKER = [
     ("WORKER_HEARTBEAT_INTERVAL_MS", "10"),
     ("WORKER_MAX_CONCURRENT_JOBS", "0"),
     ("WORKER_MAX_CONCURRENT_JOBS", "many"),
+    ("WORKER_CUSTOM_CAPABILITIES", "notjson"),
+    ("WORKER_CUSTOM_CAPABILITIES", "[1, 2]"),
+    ("WORKER_CUSTOMER_ISOLATION", "maybe"),
     ("WORKER_MAX_CONCURRENT_JOBS", "1001"),
     ("WORKER_JOB_TIMEOUT_MINUTES", "soon"),
     ("WORKER_JOB_TIMEOUT_MINUTES", "0"),
@@ -146,6 +149,7 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     ("WORKER_MAX_CONCURRENT_JOBS", "zero"),
     ("WORKER_CONNECTORS", "no-such-connector"),
     ("HUB_REDIS_URL", "http://127.0.0.1:1"),
+    ("WORKER_CUSTOM_CAPABILITIES", "notjson"),
 ])
 def test_worker_process_exits_2_with_one_line(env_base: dict[str, str], name: str, value: str) -> None:
     proc = _run([sys.executable, "-m", "appliance.worker_process"], {**env_base, name: value})

@@ -108,7 +108,7 @@ def test_a_requirement_class_is_kept_while_its_service_has_jobs_nobody_offers(qu
     """Revived jobs go back to their class's queue, which workers find through the class's record."""
     t0 = clock.now_ms()
     offer(queue, "w1", now_ms=t0, simulation="")
-    job_id = submit(queue, "nop", now_ms=t0, customer_id="acme")
+    job_id = submit(queue, "nop", now_ms=t0, requirements={"gpu_memory_gb": 1})
     assert status(queue, job_id) == "unworkable"
     later = t0 + 3_600_000
     assert queue.scripts.prune_classes(idle_ms=1000, now_ms=later) == 0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from xmlrpc.server import SimpleXMLRPCServer
 
 import gevent
 import orjson
@@ -18,6 +23,7 @@ from appliance.keys import Keys
 from appliance.queue import Queue
 from appliance.settings import QueueSettings, WorkerSettings
 from appliance.worker import Worker
+from conftest import ROOT
 from connectors.simulation import SimulationConnector
 from procs import Listener, wait_alive, worker_process
 
@@ -142,7 +148,7 @@ def test_a_running_worker_learns_of_a_new_requirement_class_from_its_claim(worke
     submit(queue, payload={"duration": 1, "steps": 1})
     assert worker.run_once() == 1  # plans its claim queues: no requirement class exists yet
     wait_idle(worker)
-    job_id = submit(queue, customer_id="acme", payload={"duration": 1, "steps": 1})  # a class of its own
+    job_id = submit(queue, requirements={"cpu_cores": 0}, payload={"duration": 1, "steps": 1})  # a new class
     assert client.hget(queue.keys.job(job_id), "queue") != queue.keys.pending_service("simulation")
     # the claim reports the new class version: the worker plans its queues again and claims at once
     assert worker.run_once() == 1
@@ -343,16 +349,6 @@ def test_failed_attempt_retries_with_backoff_then_completes(worker: Worker, queu
     assert job is not None and job["status"] == "completed" and job["retry_count"] == 1 and job["attempt"] == 2
 
 
-def test_retry_delay_is_exponential_with_jitter(worker: Worker) -> None:
-    q = worker.settings.queue
-    for retry in range(10):
-        step = min(q.retry_max_ms, q.retry_base_ms * 2 ** retry)
-        delays = {worker.retry_delay_ms(retry) for _ in range(200)}
-        assert all(step // 2 <= d <= step for d in delays), (retry, min(delays), max(delays))
-        assert len(delays) > 1, "no jitter"
-    assert max(worker.retry_delay_ms(1000) for _ in range(50)) <= q.retry_max_ms
-
-
 def test_timeout_ends_the_attempt(client: redis.Redis, settings: QueueSettings, queue: Queue) -> None:
     w = make_worker(client, settings)
     w.register()
@@ -385,8 +381,8 @@ def test_reclaiming_a_lost_job_voids_the_old_attempt(client: redis.Redis, settin
     gevent.sleep(0.05)
     first = w.running[job_id]
     later = clock.now_ms() + settings.lease_ms + 1
-    assert queue.scripts.recover(now_ms=later).jobs == 1
-    assert w.run_once(now_ms=later) == 1
+    assert queue.scripts.recover(now_ms=later, jitter=0.0).jobs == 1  # the job waits half the base step
+    assert w.run_once(now_ms=later + settings.retry_base_ms // 2) == 1
     second = w.running[job_id]
     assert second is not first and second.claimed.attempt == "2"
     w.heartbeat()
@@ -446,3 +442,69 @@ def test_worker_process_runs_jobs_and_deregisters_on_term(env_base: dict[str, st
         assert client.hget(k.job(job_id), "worker_id") == "proc-worker"
     assert "proc-worker" not in client.smembers(k.workers_active)
     assert not client.exists(k.worker("proc-worker"), k.worker_heartbeat("proc-worker"))
+
+
+# -- the edges of a worker's life: stop signals at any moment, errors that are not outages ------------------------
+def spawn_worker(env: dict[str, str], worker_id: str, **extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "appliance.worker_process"],
+                            env={**env, "WORKER_ID": worker_id, **SIM_ENV, **extra}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def left_no_trace(client: redis.Redis, worker_id: str) -> bool:
+    """Not registered, and every registration it made was followed by its deregistration."""
+    k = Keys()
+    seen = [f["event"] for _, f in client.xrange(k.events) if f.get("worker_id") == worker_id]
+    return (worker_id not in client.smembers(k.workers_active) and not client.exists(k.worker(worker_id))
+            and seen.count("worker_connected") == seen.count("worker_disconnected"))
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.01, 0.025, 0.05, 0.3])
+def test_sigterm_at_any_moment_of_a_start_ends_the_worker_cleanly(env_base: dict[str, str], client: redis.Redis,
+                                                                 delay_s: float) -> None:
+    """SIGTERM while the process starts: before Python runs it is killed by the signal; after that, its early
+    handler remembers the stop, and it exits 0 without registering (or, once registered, deregisters)."""
+    proc = spawn_worker(env_base, "term-early")
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert left_no_trace(client, "term-early"), out
+
+
+def test_a_stop_supervisord_sent_before_the_process_could_catch_it_is_not_lost(env_base: dict[str, str],
+                                                                              client: redis.Redis) -> None:
+    """supervisord's SIGTERM can land between its fork and exec, where no handler of ours exists yet: the worker
+    asks supervisord (SUPERVISOR_SERVER_URL) and, told it is STOPPING, exits without registering."""
+    asked: list[str] = []
+
+    def get_process_info(name: str) -> dict[str, str]:
+        asked.append(name)
+        return {"name": name, "statename": "STOPPING"}
+
+    server = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
+    server.register_function(get_process_info, "supervisor.getProcessInfo")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proc = spawn_worker(env_base, "worker7", SUPERVISOR_SERVER_URL=f"http://127.0.0.1:{server.server_address[1]}",
+                            SUPERVISOR_GROUP_NAME="workers", SUPERVISOR_PROCESS_NAME="worker7")
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, out
+    assert asked == ["workers:worker7"] and "told to stop before it registered" in out
+    assert left_no_trace(client, "worker7") and not client.xrange(Keys().events)
+
+
+def test_an_error_that_is_no_outage_ends_the_worker_with_the_error_logged(env_base: dict[str, str],
+                                                                          client: redis.Redis) -> None:
+    """A script that fails (here: a key of the wrong type) is a bug, not an outage: the worker does not go on
+    looking alive while it claims nothing, it exits 1 with the error in its log (supervisord restarts it)."""
+    client.set(Keys().leases, "not a sorted set")
+    proc = spawn_worker(env_base, "broken-redis", WORKER_POLL_INTERVAL_MS="100")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert "WRONGTYPE" in out and "not a Redis outage" in out and "Redis unavailable" not in out
+    assert left_no_trace(client, "broken-redis"), out

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import falcon
 
-from appliance.api import errors
-from appliance.api.janitor import Janitor
+from appliance.api import capacity, errors
+from appliance.api.auth import AuthMiddleware
+from appliance.api.docs import DocsPage
+from appliance.api.limits import Limits
 from appliance.api.live import ConnectionStats, LiveApp, LiveServices, create_live
-from appliance.api.outputs import JobOutput
+from appliance.api.openapi import OpenApiDocument
+from appliance.api.outputs import JobOutput, JobPreview
 from appliance.api.resources import Health, JobCollection, JobItem, WorkerCollection
 from appliance.api.sse import JobProgress
 from appliance.api.ws_session import Live
@@ -23,15 +28,27 @@ def create_app(settings: ApiSettings, queue: Queue,
     With `live` (the process's stream reader and connection registry) it also serves job progress as SSE
     and the connection counts."""
     origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
-    app = falcon.App(middleware=[falcon.CORSMiddleware(allow_origins=origins, allow_credentials=None)])
+    # keys travel in headers, never cookies: no origin is ever allowed credentials
+    middleware: list[Any] = [
+        falcon.CORSMiddleware(allow_origins=origins, allow_credentials=None, expose_headers=["Retry-After"]),
+        AuthMiddleware(settings, queue)]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    app.add_route("/health", Health(queue, settings.queue.redis_url_redacted))
-    app.add_route("/api/health", Health(queue, settings.queue.redis_url_redacted))
-    app.add_route("/api/jobs", JobCollection(queue, settings.max_body_bytes))
+    capacity.attach(queue, settings.submit_memory_percent)
+    app.add_error_handler(capacity.QueueFull, capacity.handle_full)
+    tasks = live.tasks if live is not None else None
+    limits = live.limits if live is not None else Limits(settings)
+    queue.classes.max_per_service = settings.max_classes_per_service
+    app.add_route("/health", Health(queue, settings.queue.redis_url_redacted, tasks))
+    app.add_route("/api/health", Health(queue, settings.queue.redis_url_redacted, tasks))
+    app.add_route("/api/jobs", JobCollection(queue, limits))
     app.add_route("/api/jobs/{job_id}", JobItem(queue))
     app.add_route("/api/workers", WorkerCollection(queue))
     app.add_route("/api/jobs/{job_id}/outputs/{name}", JobOutput(queue))
+    app.add_route("/api/jobs/{job_id}/preview", JobPreview(queue))
+    app.add_route("/openapi.json", OpenApiDocument(keys=bool(settings.api_keys)))
+    app.add_route("/docs", DocsPage(keys=bool(settings.api_keys)))
     if live is not None:
         app.add_route("/api/jobs/{job_id}/progress", JobProgress(live))
         app.add_route("/api/connection-stats", ConnectionStats(live))
@@ -43,7 +60,6 @@ def get_app(settings: ApiSettings | None = None) -> LiveApp:
     settings = settings or ApiSettings.from_env()
     client = connect(settings.queue.redis_url, max_connections=64, timeout_s=1.0)
     queue = Queue(client, settings.queue)
-    Janitor(queue).start()
     live = create_live(settings, queue)
     services = LiveServices(live)
     services.start()

@@ -16,6 +16,7 @@ import orjson
 import redis
 
 from appliance import clock
+from appliance.api.tasks import TaskState
 from appliance.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ class Connection(Protocol):
         """Close for a server restart (WebSocket: close 1001; SSE: end the stream)."""
 
 
-class Registry:
+class Registry(TaskState):
     """Every open connection of this process, by kind."""
+
+    name = "connection counts"
 
     def __init__(self, client: redis.Redis, keys: Keys, instance: str):
         self.client = client
@@ -64,10 +67,19 @@ class Registry:
         ws = {kind: len(self.open[kind]) for kind in WS_KINDS}
         return {"sse": len(self.open["sse"]), "websocket": ws}
 
+    def websockets(self) -> int:
+        return sum(len(self.open[kind]) for kind in WS_KINDS)
+
+    def queued(self) -> dict[str, int]:
+        """Bytes waiting in this process's client queues: in all, and in the fullest one."""
+        sizes = [getattr(getattr(conn, "sub", None), "queued_bytes", 0) for conns in self.open.values()
+                 for conn in conns]
+        return {"queued_bytes": sum(sizes), "queued_bytes_max": max(sizes, default=0)}
+
     # -- over every API process ----------------------------------------------------------------------------
     def start(self) -> None:
         if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._publish_loop)
+            self.spawn(self._publish_loop)
 
     def stop(self) -> None:
         if self._greenlet is not None:
@@ -92,6 +104,10 @@ class Registry:
             except redis.RedisError as exc:
                 self._dirty = True
                 log.debug("connection counts not published: %s", exc)
+            except Exception as exc:
+                self._dirty = True
+                self.note_error(exc)
+                log.exception("connection counts not published")
 
     def publish(self) -> None:
         body = {**self.counts(), "updated_ms": clock.now_ms()}
@@ -120,7 +136,7 @@ class Registry:
         ws_total = sum(ws.values())
         return {"sse_connections": sse, "websocket_connections": {**ws, "total": ws_total},
                 "total_connections": sse + ws_total, "api_processes": processes,
-                "this_process": {"instance": self.instance, **mine}}
+                "this_process": {"instance": self.instance, **mine, **self.queued()}}
 
     # -- graceful stop -------------------------------------------------------------------------------------
     def shutdown(self) -> int:

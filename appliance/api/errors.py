@@ -6,42 +6,54 @@ import logging
 from typing import Any
 
 import falcon
-import orjson
 import redis
 
 from appliance import clock
-from appliance.errors import JobExists, JobFinished, JobNotFound, ValidationError
+from appliance.api import render
+from appliance.errors import ECHO_CHARS, JobExists, JobFinished, JobNotFound, Overloaded, ValidationError, shown
 
 log = logging.getLogger(__name__)
 
 
+MESSAGE_CHARS = 400   # an error message longer than this is cut (it can only be long by quoting input)
+
+
+def clip(text: str, limit: int = MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… (cut)"
+
+
 def envelope(error: str, **extra: Any) -> dict[str, Any]:
-    return {"success": False, "error": error, **extra, "timestamp": clock.iso(clock.now_ms())}
+    return {"success": False, "error": clip(error), **extra, "timestamp": clock.iso(clock.now_ms())}
 
 
 def _respond(resp: falcon.Response, http_status: str, error: str, /, **extra: Any) -> None:
     resp.status = http_status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps(envelope(error, **extra))
+    resp.data = render.dumps(envelope(error, **extra))
+
+
+def _echo(value: str) -> str:
+    """A client-sent id as the envelope repeats it: whole when short, else a prefix."""
+    return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…"
 
 
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     """Falcon's own errors (unknown route, bad JSON, wrong method) in our envelope."""
     message = exc.description or exc.title or "Request failed"
     if exc.status == falcon.HTTP_404 and not exc.description:
-        message = f"No such endpoint: {req.method} {req.path}; see README for the API"
+        message = f"No such endpoint: {shown(req.method, 16)} {shown(req.path)}; see README for the API"
     elif exc.status == falcon.HTTP_405:
-        message = f"Method {req.method} is not allowed on {req.path}"
+        message = f"Method {shown(req.method, 16)} is not allowed on {shown(req.path)}"
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps(envelope(message))
+    resp.data = render.dumps(envelope(message))
 
 
 def handle_validation(req: falcon.Request, resp: falcon.Response, exc: ValidationError, params: Any) -> None:
-    _respond(resp, falcon.HTTP_400, str(exc), field=exc.field)
+    _respond(resp, falcon.HTTP_400, str(exc), field=_echo(exc.field))
 
 
 def handle_not_found(req: falcon.Request, resp: falcon.Response, exc: JobNotFound, params: Any) -> None:
-    _respond(resp, falcon.HTTP_404, "Job not found", job_id=exc.job_id)
+    _respond(resp, falcon.HTTP_404, "Job not found", job_id=_echo(exc.job_id))
 
 
 def handle_finished(req: falcon.Request, resp: falcon.Response, exc: JobFinished, params: Any) -> None:
@@ -56,6 +68,13 @@ def handle_redis(req: falcon.Request, resp: falcon.Response, exc: redis.RedisErr
     log.warning("Redis error on %s %s: %s", req.method, req.path, exc)
     _respond(resp, falcon.HTTP_503, "Redis is not reachable; the job queue is unavailable. Check the redis "
                                     "program (bin/appliance status) and REDIS_URL, then retry.")
+
+
+def handle_overloaded(req: falcon.Request, resp: falcon.Response, exc: Overloaded, params: Any) -> None:
+    """A limit that frees up with time: 429 (a caller's rate) or 503 (a capacity), with Retry-After."""
+    resp.set_header("Retry-After", str(exc.retry_after_s))
+    status = falcon.HTTP_429 if exc.status == 429 else falcon.HTTP_503
+    _respond(resp, status, exc.message, retry_after_s=exc.retry_after_s)
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:
@@ -74,3 +93,5 @@ def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.add_error_handler(JobFinished, handle_finished)
     app.add_error_handler(JobExists, handle_exists)
     app.add_error_handler(redis.RedisError, handle_redis)
+    app.add_error_handler(Overloaded, handle_overloaded)
+

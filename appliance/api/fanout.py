@@ -7,7 +7,13 @@ never waits on a client. When a client's queue is empty and its connection is id
 the batch straight to the client's socket without blocking (what the socket does not take is queued), which
 saves a greenlet wake-up per client and event. A subscriber whose queue is full has fallen too far behind and
 is marked overflowed; its connection closes itself with that reason (an SSE client resumes with
-Last-Event-ID).
+Last-Event-ID). The queue is bounded in items and in bytes (API_CLIENT_QUEUE_SIZE, API_CLIENT_QUEUE_BYTES).
+
+Nothing one entry or one client brings stops the reader: an error handling a stream's batch, or handing it to one
+subscriber, is logged and that batch dropped (for that subscriber), and the reader goes on.
+
+History reads of the same stream from the same point at the same time (a burst of clients following one job)
+share one XRANGE and its Entry objects, renderings included, so a burst costs Redis one read per page.
 
 Joining without a gap: a subscriber first reads the stream's history itself (XRANGE on a small pool), then
 registers with the reader's cursor for that stream not ahead of what it has read. Registration runs without
@@ -21,37 +27,44 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import gevent
+import gevent.event
 import gevent.queue
 import redis
 
+from appliance.api.tasks import TaskState
+from appliance.errors import shown
 from appliance.keys import Keys
 
 log = logging.getLogger(__name__)
 
 EntryId = tuple[int, int]
+ENTRY_OVERHEAD = 64        # bytes counted per queued entry beyond its fields (ids, framing)
 BLOCK_MS = 10_000
 READ_COUNT = 500
 HISTORY_PAGE = 500
+CATCH_UP_ROUNDS = 20       # history re-reads while the reader keeps moving past them (a trimmed stream ends it)
+_RETRY = object()
 
 
-_ENTRY_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+_ENTRY_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 _U64_MAX = 2**64 - 1
 
 
 def parse_id(entry_id: str) -> EntryId:
     """A stream entry id ("1700000000000-3") as a comparable tuple; raises ValueError unless Redis would
     accept it (digits only, each part below 2^64)."""
-    match = _ENTRY_ID.match(entry_id)
+    match = _ENTRY_ID.fullmatch(entry_id)
     if not match:
-        raise ValueError(f"not a stream entry id: {entry_id!r}")
+        raise ValueError(f"not a stream entry id: {shown(entry_id)}")
     ms, seq = int(match.group(1)), int(match.group(2) or 0)
     if ms > _U64_MAX or seq > _U64_MAX:
-        raise ValueError(f"stream entry id out of range: {entry_id!r}")
+        raise ValueError(f"stream entry id out of range: {shown(entry_id)}")
     return ms, seq
 
 
@@ -66,7 +79,7 @@ def valid_id(entry_id: str) -> bool:
 class Entry:
     """One stream entry as read, shared by every subscriber; renderings are cached per client kind."""
 
-    __slots__ = ("stream", "id", "key", "fields", "extra", "_cache")
+    __slots__ = ("stream", "id", "key", "fields", "extra", "size", "_cache")
 
     def __init__(self, stream: str, entry_id: str, fields: dict[str, str]):
         self.stream = stream
@@ -74,6 +87,8 @@ class Entry:
         self.key = parse_id(entry_id)
         self.fields = fields
         self.extra: dict[str, Any] = {}
+        # about the bytes it takes queued for a client (its fields; a rendering is about as large)
+        self.size = ENTRY_OVERHEAD + sum(len(name) + len(value) for name, value in fields.items())
         self._cache: dict[str, Any] = {}
 
     @property
@@ -125,45 +140,82 @@ class Raw:
 Direct = Callable[[list[Entry]], "list[Entry] | Raw | None"]
 
 
+def size_of(item: Any) -> int:
+    """About the bytes a queued item holds: a batch or an Entry by its fields, text and raw bytes by length."""
+    if isinstance(item, list):
+        return sum(entry.size for entry in item if isinstance(entry, Entry))
+    if isinstance(item, Entry):
+        return item.size
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, Raw):
+        return len(item.data)
+    return 0
+
+
 class Subscriber:
     """A client's bounded inbox: one item per batch the reader hands out (a list of Entry), or an Entry, or
-    whatever the connection itself queues (replies, control). The bound counts items, so a burst of events
-    read at once takes one place; a client that lets `maxsize` items pile up is too slow."""
+    whatever the connection itself queues (replies, control). Bounded twice: in items (`maxsize`; a burst of
+    events read at once takes one place) and in bytes (`max_bytes`, counted from when an item is queued until the
+    connection `release`s it, after writing it). A client that lets either pile up is too slow. One item larger
+    than `max_bytes` is still taken into an empty queue (a message is bounded on its own)."""
 
-    def __init__(self, kind: str, maxsize: int, on_overflow: Callable[[str], None] | None = None):
+    def __init__(self, kind: str, maxsize: int, on_overflow: Callable[[str], None] | None = None,
+                 max_bytes: int = 2 * 1024 * 1024):
         self.kind = kind
         self.queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         self.last: dict[str, EntryId] = {}
         self.streams: set[str] = set()
         self.overflowed: str | None = None
         self.on_overflow = on_overflow
         self.direct: Direct | None = None
         self.idle = False            # set by the connection while it waits on an empty queue, not writing
+        self._room = gevent.event.Event()
 
     def offer(self, item: Any) -> bool:
-        """Queue `item` without waiting; a full queue marks the subscriber as too slow."""
+        """Queue `item` without waiting; a full queue (items or bytes) marks the subscriber as too slow."""
         if self.overflowed:
+            return False
+        size = size_of(item)
+        if self.queued_bytes and self.queued_bytes + size > self.max_bytes:
+            self._overflow(f"more than {self.max_bytes} bytes of messages waiting (API_CLIENT_QUEUE_BYTES)")
             return False
         try:
             self.queue.put_nowait(item)
-            return True
         except gevent.queue.Full:
-            self.overflowed = (f"client too slow: more than {self.queue.maxsize} batches of events waiting; "
-                               "reconnect (SSE: with Last-Event-ID) to resume")
-            log.warning("closing a slow %s client: %s", self.kind, self.overflowed)
-            if self.on_overflow is not None:
-                self.on_overflow(self.overflowed)
+            self._overflow(f"more than {self.queue.maxsize} batches of messages waiting (API_CLIENT_QUEUE_SIZE)")
             return False
+        self.queued_bytes += size
+        return True
+
+    def _overflow(self, what: str) -> None:
+        self.overflowed = f"client too slow: {what}; reconnect (SSE: with Last-Event-ID) to resume"
+        log.warning("closing a slow %s client: %s", self.kind, self.overflowed)
+        self._room.set()
+        if self.on_overflow is not None:
+            self.on_overflow(self.overflowed)
 
     def put(self, item: Any, timeout_s: float = 10.0) -> None:
         """Queue `item`, waiting while the queue is full (history, read by the client's own greenlet); a
         client that takes nothing for `timeout_s` is too slow."""
-        if self.overflowed:
-            return
-        try:
-            self.queue.put(item, timeout=timeout_s)
-        except gevent.queue.Full:
-            self.offer(item)
+        size = size_of(item)
+        deadline = time.monotonic() + timeout_s
+        while not self.overflowed and (self.queue.full() or
+                                       (self.queued_bytes and self.queued_bytes + size > self.max_bytes)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._room.clear()
+            self._room.wait(min(left, 1.0))
+        self.offer(item)
+
+    def release(self, item_or_size: Any) -> None:
+        """The connection has written an item it took (or that many bytes): they no longer count."""
+        size = item_or_size if isinstance(item_or_size, int) else size_of(item_or_size)
+        self.queued_bytes = max(0, self.queued_bytes - size)
+        self._room.set()
 
     def fresh(self, entry: Entry) -> bool:
         """Whether `entry` is newer than what this subscriber already got from its stream (and mark it)."""
@@ -177,8 +229,10 @@ class Subscriber:
 Enricher = Callable[[redis.Redis, list[Entry]], None]
 
 
-class Hub:
+class Hub(TaskState):
     """The per-process stream reader. `start()` spawns its greenlet; `stop()` ends it."""
+
+    name = "stream reader"
 
     def __init__(self, blocking: redis.Redis, client: redis.Redis, keys: Keys,
                  enrichers: dict[str, Enricher] | None = None, block_ms: int = BLOCK_MS):
@@ -196,12 +250,13 @@ class Hub:
         self._greenlet: gevent.Greenlet | None = None
         self._running = False
         self._wake_pending = False
+        self._reads: dict[tuple[str, str | None, int], gevent.event.AsyncResult[Any]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._greenlet is None:
             self._running = True
-            self._greenlet = gevent.spawn(self._loop)
+            self.spawn(self._loop)
 
     def stop(self) -> None:
         self._running = False
@@ -215,10 +270,30 @@ class Hub:
 
     # -- subscriptions -------------------------------------------------------------------------------------
     def history(self, stream: str, after: str | None, count: int = HISTORY_PAGE) -> list[Entry]:
-        """Entries of `stream` after `after` (all of them when None), oldest first, one page."""
-        start = "-" if after is None else f"({after}"
-        raw: Any = self.client.xrange(stream, start, "+", count=count)
-        return [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+        """Entries of `stream` after `after` (all of them when None), oldest first, one page.
+
+        Callers asking for the same page while it is being read wait for that read and share its entries."""
+        key = (stream, after, count)
+        while (pending := self._reads.get(key)) is not None:
+            shared = pending.get()
+            if shared is not _RETRY:
+                return cast(list[Entry], shared)
+        result: gevent.event.AsyncResult[Any] = gevent.event.AsyncResult()
+        self._reads[key] = result
+        try:
+            start = "-" if after is None else f"({after}"
+            raw: Any = self.client.xrange(stream, start, "+", count=count)
+            entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+        except Exception as exc:
+            result.set_exception(exc)
+            raise
+        except BaseException:
+            result.set(_RETRY)            # this greenlet was killed (its client left): the others read again
+            raise
+        finally:
+            del self._reads[key]
+        result.set(entries)
+        return entries
 
     def last_id(self, stream: str) -> str:
         """The id of the newest entry of `stream` ("0-0" when it is empty or missing)."""
@@ -233,6 +308,7 @@ class Hub:
         yielding in between, so no entry can fall into a gap.
         """
         last = after
+        rounds = 0
         while True:
             page = self.history(stream, last)
             for entry in page:
@@ -243,7 +319,8 @@ class Hub:
                 continue
             cursor = self.cursors.get(stream)
             have = parse_id(last) if last is not None else (0, 0)
-            if page and cursor is not None and parse_id(cursor) > have:
+            rounds += 1
+            if cursor is not None and parse_id(cursor) > have and rounds < CATCH_UP_ROUNDS:
                 continue                    # the reader moved past what we read: read the rest first
             if last is not None:
                 sub.last.setdefault(stream, have)
@@ -312,6 +389,12 @@ class Hub:
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception as exc:        # a reply it cannot read: note it, wait a little, go on
+                self.note_error(exc)
+                log.exception("fan-out read failed unexpectedly; retrying in %.1f s", backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if reply:
                 self._dispatch(reply)
 
@@ -319,36 +402,55 @@ class Hub:
         for stream, raw in reply:
             if stream == self.wake_key or stream not in self.cursors:
                 continue
-            entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
-            if not entries:
-                continue
-            enrich = self.enrichers.get(stream)
-            if enrich is not None:
-                try:
-                    enrich(self.client, entries)
-                except redis.RedisError as exc:
-                    log.warning("fan-out enrichment of %s failed: %s", stream, exc)
-            # from here to the end of the loop body nothing yields: cursor and hand-out move together
-            if stream not in self.cursors:
-                continue
-            self.cursors[stream] = entries[-1].id
-            self.batches += 1
-            self.entries += len(entries)
-            first, last = entries[0].key, entries[-1].key
-            for sub in list(self.subscribers.get(stream, ())):
-                seen = sub.last.get(stream)
-                if seen is None or seen < first:         # the usual case: all of it is new to this client
-                    sub.last[stream] = last
-                    batch = entries
-                else:
-                    batch = [entry for entry in entries if sub.fresh(entry)]
-                if not batch:
-                    continue
-                item: Any = batch
-                if sub.idle and sub.direct is not None and sub.queue.empty():
-                    # fast path: nothing pending and nobody writing, so write now (no wake-up per client)
-                    item = sub.direct(batch)
-                    if item is None:
-                        continue
-                if not sub.offer(item):
-                    self.leave(sub)
+            try:
+                self._hand_out(stream, raw)
+            except Exception as exc:        # one stream's batch must not stop the others, nor the reader
+                self.note_error(exc)
+                log.exception("fan-out: a batch of %s could not be handed out; it is dropped", stream)
+                if stream in self.cursors and raw:
+                    self.cursors[stream] = str(raw[-1][0])     # never read the same batch again
+
+    def _hand_out(self, stream: str, raw: list[Any]) -> None:
+        entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+        if not entries:
+            return
+        enrich = self.enrichers.get(stream)
+        if enrich is not None:
+            try:
+                enrich(self.client, entries)
+            except redis.RedisError as exc:
+                log.warning("fan-out enrichment of %s failed: %s", stream, exc)
+            except Exception as exc:
+                self.note_error(exc)
+                log.exception("fan-out enrichment of %s failed; the batch goes out without it", stream)
+        # from here to the end nothing yields: cursor and hand-out move together
+        if stream not in self.cursors:
+            return
+        self.cursors[stream] = entries[-1].id
+        self.batches += 1
+        self.entries += len(entries)
+        first, last = entries[0].key, entries[-1].key
+        for sub in list(self.subscribers.get(stream, ())):
+            try:
+                self._give(sub, stream, entries, first, last)
+            except Exception as exc:        # one client's rendering or socket: drop its batch, go on
+                self.note_error(exc)
+                log.exception("fan-out: a %s client's batch of %s is dropped", sub.kind, stream)
+
+    def _give(self, sub: Subscriber, stream: str, entries: list[Entry], first: EntryId, last: EntryId) -> None:
+        seen = sub.last.get(stream)
+        if seen is None or seen < first:         # the usual case: all of it is new to this client
+            sub.last[stream] = last
+            batch = entries
+        else:
+            batch = [entry for entry in entries if sub.fresh(entry)]
+        if not batch:
+            return
+        item: Any = batch
+        if sub.idle and sub.direct is not None and sub.queue.empty():
+            # fast path: nothing pending and nobody writing, so write now (no wake-up per client)
+            item = sub.direct(batch)
+            if item is None:
+                return
+        if not sub.offer(item):
+            self.leave(sub)

@@ -6,11 +6,15 @@ requirement classes left idle and empty are forgotten, and the jobs of services 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+
+import redis
 
 from appliance.api.periodic import Periodic
 from appliance.queue import Queue
 
 log = logging.getLogger(__name__)
+PRUNE_SUBMITTED_TICKS = 150  # every 5 minutes at the default interval
 
 
 class Janitor(Periodic):
@@ -21,9 +25,24 @@ class Janitor(Periodic):
         self.queue = queue
 
     def tick(self, n: int) -> None:
-        self.queue.scripts.prune()  # finished jobs whose retention ran out leave the indexes even if nobody lists
-        self.queue.classes.forget_idle()
-        self.queue.classes.sweep_services()
+        # each chore on its own: one that fails (a job it cannot handle) must not keep the others from running
+        self.chore("prune", self.queue.scripts.prune)  # expired jobs leave the indexes even if nobody lists
+        self.chore("forget idle classes", self.queue.classes.forget_idle)
+        self.chore("sweep services", self.queue.classes.sweep_services)
+        if n % PRUNE_SUBMITTED_TICKS == 0:
+            self.chore("prune submitted", self.queue.prune_submitted)  # API keys' listings lose expired jobs
+        self.chore("recover leases", self.recover)
+
+    def chore(self, what: str, run: Callable[[], object]) -> None:
+        try:
+            run()
+        except redis.RedisError:
+            raise                       # Redis is away: the whole tick is skipped (Periodic)
+        except Exception as exc:
+            self.note_error(exc)
+            log.exception("janitor: %s failed; the other chores go on", what)
+
+    def recover(self) -> None:
         recovery = self.queue.scripts.recover()
         if recovery.jobs or recovery.dead_workers:
             log.warning("recovered %d jobs with expired leases; workers gone: %s", recovery.jobs,

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from appliance import clock
+from appliance.api import render
 from appliance.api.fanout import Entry
 from appliance.jobs import JOB_FIELDS, decode
 
 TERMINAL_EVENTS = frozenset({"completed", "failed", "timeout", "cancelled"})
 FAILED_EVENTS = frozenset({"failed", "timeout", "cancelled"})
+MONITOR_RESULT_BYTES = 4096  # larger results are not broadcast to monitors (they follow every job)
 
 
 def dumps(message: dict[str, Any]) -> str:
-    return orjson.dumps(message).decode()
+    return render.dumps_text(message)
 
 
 def now() -> str:
@@ -39,7 +39,7 @@ def typed(fields: dict[str, str]) -> dict[str, Any]:
 def sse_frame(entry: Entry) -> bytes:
     """`id:`, `event:` and one `data:` line (JSON: the typed entry, plus its type and timestamp)."""
     data = {"type": entry.event, "id": entry.id, **typed(entry.fields), "timestamp": now()}
-    return b"id: %s\nevent: %s\ndata: %s\n\n" % (entry.id.encode(), entry.event.encode(), orjson.dumps(data))
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (entry.id.encode(), entry.event.encode(), render.dumps(data))
 
 
 def sse_comment(text: str) -> bytes:
@@ -47,7 +47,7 @@ def sse_comment(text: str) -> bytes:
 
 
 def sse_named(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), render.dumps(data))
 
 
 # -- legacy socket (E0 `progress` frames; terminal events also under the E5 names) -------------------------
@@ -147,24 +147,35 @@ def hub(entry: Entry) -> list[tuple[str, str]]:
     return [(m["type"], dumps(m)) for m in _monitor_messages(entry, hub=True)]
 
 
-def _worker_status(entry: Entry, worker_id: str, hub_names: bool) -> dict[str, Any] | None:
-    state = entry.extra.get("workers", {}).get(worker_id)
-    if state is None:
-        return None
-    status, current = state
+def _worker_status(fields: dict[str, str], hub_names: bool) -> dict[str, Any]:
+    """A `worker_status` entry (written by the script that changed the worker's status, with the status it set)."""
+    status = fields.get("status", "")
     message: dict[str, Any] = {"type": "worker_status" if hub_names else "worker_status_changed",
-                               "worker_id": worker_id}
+                               "worker_id": fields.get("worker_id")}
     if hub_names:
         message["status"] = status
     else:
-        message.update(old_status="busy" if status == "idle" else "idle", new_status=status)
-    message["current_job_id"] = current or None
+        message.update(old_status=fields.get("old_status") or ("busy" if status == "idle" else "idle"),
+                       new_status=status)
+    message["current_job_id"] = fields.get("current_job_id") or None
     message["timestamp"] = now()
     return message
 
 
+def monitor_fields(entry: Entry) -> dict[str, Any]:
+    """A stream entry's typed fields for monitors, which follow every job: a result larger than
+    MONITOR_RESULT_BYTES is replaced by a note (clients of the job itself, SSE and sockets, get it whole)."""
+    size = len(entry.fields.get("result", ""))
+    if size <= MONITOR_RESULT_BYTES:
+        return typed(entry.fields)
+    fields = typed({name: value for name, value in entry.fields.items() if name != "result"})
+    fields["result"] = {"_omitted": f"a result of {size} bytes is not broadcast to monitors; read it with "
+                                    f"GET /api/jobs/{entry.job_id}"}
+    return fields
+
+
 def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
-    fields = typed(entry.fields)
+    fields = monitor_fields(entry)
     event = entry.event
     out: list[dict[str, Any]] = []
     if event == "worker_connected":
@@ -177,6 +188,8 @@ def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
         out.append({"type": "worker_disconnected", "worker_id": fields.get("worker_id"),
                     "timestamp": now()})
         return out
+    if event == "worker_status":
+        return [_worker_status(entry.fields, hub)]
     if event == "submitted":
         job = entry.extra.get("job") or {"id": entry.job_id, "job_type": fields.get("service_required"),
                                          "status": "pending", "priority": fields.get("priority"),
@@ -204,12 +217,6 @@ def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
         out.append(_complete_job(entry, fields, "complete_job" if hub else "job_completed"))
     elif event in FAILED_EVENTS:
         out.append(_job_failed(entry, fields, "fail_job" if hub else "job_failed"))
-    worker_id = fields.get("worker_id")
-    if worker_id and event in ("assigned", "completed", "failed", "timeout", "retrying", "requeued",
-                               "cancelled"):
-        status = _worker_status(entry, worker_id, hub)
-        if status is not None:
-            out.append(status)
     return out
 
 

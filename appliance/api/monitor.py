@@ -5,11 +5,14 @@ Shapes follow reference/monitor-clients.md: workers as an object keyed by worker
 jobs in `{pending, active, completed, failed}` buckets with statuses the monitors display (`processing` for
 running jobs, `failed` for anything that ended without success); numeric progress always present. Records are
 decoded by appliance.jobs (public_job, public_worker), so values keep the types they have on every other wire.
+
+Everything here goes to every monitor, about every second: jobs are summaries (SUMMARY_FIELDS, read with HMGET
+so that payloads and results never even leave Redis, long texts cut), never payloads, requirements or results.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -22,8 +25,14 @@ from appliance.queue import Queue
 
 SNAPSHOT_LIMIT = 250           # jobs per status in a snapshot
 BROADCAST_LIMIT = 50           # jobs per status in each stats_broadcast
-_WORKER_EVENTS = frozenset({"assigned", "completed", "failed", "timeout", "retrying", "requeued",
-                            "cancelled"})
+# what monitors are sent of a job (never its payload, requirements or result)
+SUMMARY_FIELDS = ("id", "service_required", "status", "priority", "progress", "worker_id", "customer_id",
+                  "submitted_by", "message", "error", "unworkable_reason", "retry_count", "max_retries",
+                  "attempt", "current_step", "total_steps", "timeout_seconds", "workflow_id", "workflow_priority",
+                  "workflow_datetime", "step_number", "created_at", "updated_at", "assigned_at", "started_at",
+                  "completed_at", "failed_at", "cancelled_at", "unworkable_at", "retry_at")
+SUMMARY_TEXT_CHARS = 512
+_TEXTS = frozenset({"message", "error", "unworkable_reason", "customer_id", "workflow_id"})
 _BUCKETS = {"pending": ("pending",), "active": ("assigned", "in_progress"), "completed": ("completed",),
             "failed": ("failed", "cancelled", "timeout", "unworkable")}
 
@@ -84,15 +93,36 @@ def monitor_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summary(fields: dict[str, str]) -> dict[str, Any]:
+    """A job as monitors are sent it: SUMMARY_FIELDS only, texts cut to SUMMARY_TEXT_CHARS."""
+    job = public_job({name: value[:SUMMARY_TEXT_CHARS] if name in _TEXTS else value
+                      for name, value in fields.items()})
+    return monitor_job(job)
+
+
+def read_summaries(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[dict[str, Any]]:
+    """Summaries of these jobs (those that still exist), in order, one pipelined HMGET each."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), SUMMARY_FIELDS)
+    out = []
+    for values in pipe.execute():
+        fields = {name: value for name, value in zip(SUMMARY_FIELDS, values, strict=True) if value is not None}
+        if fields.get("id"):
+            out.append(summary(fields))
+    return out
+
+
 def job_buckets(queue: Queue, limit: int) -> dict[str, list[dict[str, Any]]]:
-    buckets: dict[str, list[dict[str, Any]]] = {}
-    for bucket, statuses in _BUCKETS.items():
-        jobs: list[dict[str, Any]] = []
-        for status in statuses:
-            page, _ = queue.list(status, None, limit, 0)
-            jobs.extend(monitor_job(job) for job in page)
-        buckets[bucket] = jobs
-    return buckets
+    """The newest `limit` jobs of each status, as summaries, by the monitors' buckets."""
+    k = queue.keys
+    pipe = queue.client.pipeline(transaction=False)
+    statuses = [status for group in _BUCKETS.values() for status in group]
+    for status in statuses:
+        pipe.zrevrange(k.index_status(status), 0, limit - 1)
+    ids = dict(zip(statuses, cast(list[list[str]], pipe.execute()), strict=True))
+    return {bucket: read_summaries(queue.client, k, [job_id for status in group for job_id in ids[status]])
+            for bucket, group in _BUCKETS.items()}
 
 
 def live_workers(queue: Queue) -> list[dict[str, Any]]:
@@ -165,7 +195,8 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
 
 
 def enricher(keys: Keys) -> Any:
-    """Adds to `events` entries what monitors need beyond the entry (one pipelined read per batch)."""
+    """Adds to `events` entries what monitors need beyond the entry (one pipelined read per batch). A worker's
+    status needs nothing: the script that changes it writes a `worker_status` entry with the status it set."""
 
     def enrich(client: redis.Redis, entries: list[Entry]) -> None:
         pipe = client.pipeline(transaction=False)
@@ -173,34 +204,29 @@ def enricher(keys: Keys) -> Any:
         for entry in entries:
             event, worker_id = entry.event, entry.fields.get("worker_id", "")
             if event == "submitted":
-                pipe.hgetall(keys.job(entry.job_id))
+                pipe.hmget(keys.job(entry.job_id), SUMMARY_FIELDS)
                 wants.append((entry, "job", ""))
             elif event == "worker_connected" and worker_id:
                 pipe.hgetall(keys.worker(worker_id))
                 pipe.ttl(keys.worker_heartbeat(worker_id))
                 wants.append((entry, "worker_data", worker_id))
-            if event in _WORKER_EVENTS and worker_id:
-                pipe.hmget(keys.worker(worker_id), "status", "current_job_id")
-                wants.append((entry, "worker_status", worker_id))
         if not wants:
             return
         replies = iter(pipe.execute())
         now = clock.now_ms()
         for entry, what, worker_id in wants:
             if what == "job":
-                fields = next(replies)
-                if fields:
-                    job = monitor_job(public_job(fields))
+                values = next(replies)
+                fields = {name: value for name, value in zip(SUMMARY_FIELDS, values, strict=True)
+                          if value is not None}
+                if fields.get("id"):
+                    job = summary(fields)
                     job["status"] = "pending"
                     entry.extra["job"] = job
-            elif what == "worker_data":
+            else:
                 fields, ttl = next(replies), next(replies)
                 if fields:
                     worker = monitor_worker(public_worker(worker_id, fields, int(ttl), now))
                     entry.extra["worker_data"] = worker
-            else:
-                status, current = next(replies)
-                if status is not None:
-                    entry.extra.setdefault("workers", {})[worker_id] = (status, current)
 
     return enrich

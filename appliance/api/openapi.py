@@ -297,6 +297,15 @@ def operations() -> dict[str, dict[str, Any]]:
                         "image/*": {"schema": {"type": "string", "format": "binary"}}}},
                         **_errors(404, 503)}},
         },
+        "/api/jobs/{job_id}/preview": {
+            "parameters": [job_id],
+            "get": {"operationId": "jobPreview", "summary": "A running job's latest preview image (ComfyUI)",
+                    "description": "Replaced by each new one (a `preview` event on the job's stream says so); "
+                                   "kept a few minutes.",
+                    "responses": {"200": {"description": "the image, with its content type", "content": {
+                        "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        **_errors(404, 503)}},
+        },
         "/api/workers": {"get": {"operationId": "listWorkers", "summary": "Registered workers",
                                  "responses": {"200": _json("WorkerList", "workers, with telemetry"),
                                                **_errors(503)}}},

@@ -7,11 +7,14 @@ import logging
 import gevent
 import redis
 
+from appliance.api.tasks import TaskState
+
 log = logging.getLogger(__name__)
 
 
-class Periodic:
-    """Subclasses implement `tick(n)`; a Redis error skips that tick, any other error is logged."""
+class Periodic(TaskState):
+    """Subclasses implement `tick(n)`; a Redis error skips that tick, any other error is logged and noted (the
+    task's health), and the next tick comes as usual."""
 
     name = "periodic task"
 
@@ -21,7 +24,7 @@ class Periodic:
 
     def start(self) -> None:
         if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._loop)
+            self.spawn(self._loop)
 
     def stop(self) -> None:
         if self._greenlet is not None:
@@ -40,5 +43,6 @@ class Periodic:
                 self.tick(n)
             except redis.RedisError as exc:
                 log.debug("%s skipped, Redis unavailable: %s", self.name, exc)
-            except Exception:
+            except Exception as exc:
+                self.note_error(exc)
                 log.exception("%s failed", self.name)

@@ -10,32 +10,18 @@ import orjson
 import redis
 
 from appliance import clock
-from appliance.connector import check_payload
-from appliance.errors import JobNotFound, ValidationError
-from appliance.jobs import SERVICE_RE, STATUS_VALUES, JobSpec
+from appliance.api import auth, capacity, render
+from appliance.api.limits import Limits, caller_of
+from appliance.api.tasks import Tasks
+from appliance.errors import JobNotFound, ValidationError, shown
+from appliance.jobs import SERVICE_RE, STATUS_VALUES
 from appliance.queue import LIST_LIMIT_MAX, Queue
 
 
 def _ok(resp: falcon.Response, body: dict[str, Any], status: str = falcon.HTTP_200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps({"success": True, **body, "timestamp": clock.iso(clock.now_ms())})
-
-
-def read_json(req: falcon.Request, max_bytes: int) -> Any:
-    """The request body as JSON, or a ValidationError naming `body`."""
-    if req.content_length is not None and req.content_length > max_bytes:
-        raise falcon.HTTPContentTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise falcon.HTTPContentTooLarge(description=f"Body is larger than {max_bytes} bytes (API_MAX_BODY_BYTES)")
-    if not raw.strip():
-        raise ValidationError("body", "empty; send a JSON object such as {\"service_required\": \"simulation\"}")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError("body", f"not valid JSON ({exc}); send a JSON object with Content-Type: "
-                                      "application/json") from None
+    resp.data = render.dumps({"success": True, **body, "timestamp": clock.iso(clock.now_ms())})
 
 
 def query_int(req: falcon.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -45,7 +31,7 @@ def query_int(req: falcon.Request, name: str, default: int, lo: int, hi: int) ->
     try:
         value = int(raw)
     except ValueError:
-        raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {raw!r}") from None
+        raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {shown(raw)}") from None
     if not lo <= value <= hi:
         raise ValidationError(name, f"expected an integer from {lo} to {hi}, got {value}")
     return value
@@ -54,56 +40,80 @@ def query_int(req: falcon.Request, name: str, default: int, lo: int, hi: int) ->
 class Health:
     """GET /health: Redis reachable, workers, queue depth; 503 when Redis is not reachable."""
 
-    def __init__(self, queue: Queue, redis_url: str):
+    def __init__(self, queue: Queue, redis_url: str, tasks: Tasks | None = None):
         self.queue = queue
         self.redis_url = redis_url
+        self.tasks = tasks       # the process's background tasks: 503 while one is dead (it then restarts)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        known = auth.identity_of(req) is not None
         started = time.perf_counter()
         try:
             self.queue.client.ping()
             latency_ms = round((time.perf_counter() - started) * 1000, 2)
             workers = self.queue.worker_ids()
             depth = self.queue.depth()
+            memory = capacity.gate(self.queue).memory()
         except redis.RedisError as exc:
             resp.status = falcon.HTTP_503
             resp.content_type = falcon.MEDIA_JSON
+            where = f" at {self.redis_url}" if known else ""
             resp.data = orjson.dumps({
                 "success": False, "status": "unavailable",
-                "error": f"Redis is not reachable at {self.redis_url} ({type(exc).__name__}); check the redis "
+                "error": f"Redis is not reachable{where} ({type(exc).__name__}); check the redis "
                          "program (bin/appliance status) and REDIS_URL",
-                "redis": {"ok": False, "url": self.redis_url},
+                "redis": {"ok": False, **({"url": self.redis_url} if known else {})},
                 "timestamp": clock.iso(clock.now_ms())})
             return
-        _ok(resp, {"status": "ok",
-                   "redis": {"ok": True, "url": self.redis_url, "latency_ms": latency_ms},
-                   "workers": {"active": len(workers), "ids": workers},
-                   "queue": {"pending": depth}})
+        body: dict[str, Any] = {"status": "ok",
+                                "redis": {"ok": True, "latency_ms": latency_ms, "memory_full": memory.full},
+                                "workers": {"active": len(workers)}, "queue": {"pending": depth}}
+        if memory.full:
+            body["warnings"] = ["Redis memory is full: the queue is full and submits are refused (503) until "
+                                "jobs finish or expire (REDIS_MAXMEMORY, API_SUBMIT_MEMORY_PERCENT)"]
+        if known:  # anonymous callers (keys configured, none given) learn no addresses or names
+            body["redis"].update(url=self.redis_url, memory=memory.public())
+            body["workers"]["ids"] = workers
+        if self.tasks is not None:
+            body["tasks"] = self.tasks.report()
+            dead = self.tasks.dead()
+            if dead:
+                names = ", ".join(repr(task.name) for task in dead)
+                resp.status = falcon.HTTP_503
+                resp.content_type = falcon.MEDIA_JSON
+                resp.data = render.dumps({**body, "success": False, "status": "degraded",
+                                          "error": f"background task {names} of this API process stopped; "
+                                                   "the process is restarting itself",
+                                          "timestamp": clock.iso(clock.now_ms())})
+                return
+        _ok(resp, body)
 
 
 class JobCollection:
     """POST /api/jobs submits; GET /api/jobs lists (filters status, service_required; limit/offset)."""
 
-    def __init__(self, queue: Queue, max_body_bytes: int):
+    def __init__(self, queue: Queue, limits: Limits):
         self.queue = queue
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        spec = JobSpec.parse(read_json(req, self.max_body_bytes))
-        check_payload(spec.service_required, spec.payload)
-        job_id = self.queue.submit(spec)
+        limits, submitter = self.limits, auth.submitter(req)
+        limits.admit_submit(caller_of(submitter, req.remote_addr))
+        raw = limits.read_body(req)
+        spec = limits.submission(limits.parse_json(raw), submitted_by=submitter, raw_size=len(raw))
+        job_id = capacity.submit(self.queue, spec)
         _ok(resp, {"job_id": job_id, "message": "Job submitted successfully"}, falcon.HTTP_201)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = req.get_param("status") or None
         if status is not None and status not in STATUS_VALUES:
-            raise ValidationError("status", f"expected one of {', '.join(STATUS_VALUES)}, got {status!r}")
+            raise ValidationError("status", f"expected one of {', '.join(STATUS_VALUES)}, got {shown(status)}")
         service = req.get_param("service_required") or None
-        if service is not None and not SERVICE_RE.match(service):
-            raise ValidationError("service_required", f"not a valid service name: {service!r}")
+        if service is not None and not SERVICE_RE.fullmatch(service):
+            raise ValidationError("service_required", f"not a valid service name: {shown(service)}")
         limit = query_int(req, "limit", 50, 1, LIST_LIMIT_MAX)
         offset = query_int(req, "offset", 0, 0, 1_000_000_000)
-        jobs, total = self.queue.list(status, service, limit, offset)
+        jobs, total = self.queue.list(status, service, limit, offset, submitted_by=auth.listing_owner(req))
         _ok(resp, {"jobs": jobs, "total": total, "limit": limit, "offset": offset})
 
 

@@ -21,11 +21,12 @@ from appliance import clock
 from appliance.api import messages
 from appliance.api.fanout import Entry, Raw, Subscriber, direct_result, valid_id, write_now
 from appliance.api.ws_session import OVERFLOW_GRACE_S, WRITE_BATCH, Live
-from appliance.errors import JobNotFound, ValidationError
+from appliance.errors import JobNotFound, Overloaded, ValidationError, shown
 
 log = logging.getLogger(__name__)
 
 RETRY_MS = 3000
+CONNECTIONS_RETRY_S = 5     # Retry-After when the process's stream connections are at their limit
 _SHUTDOWN = "shutdown"
 
 
@@ -40,7 +41,8 @@ class SseConnection:
         self.live = live
         self.env = env
         self.done = False
-        self.sub = Subscriber("sse", live.settings.client_queue_size, self._overflow)
+        self.sub = Subscriber("sse", live.settings.client_queue_size, self._overflow,
+                              live.settings.client_queue_bytes)
         sock = env.get("gunicorn.socket")
         # gunicorn frames a streamed HTTP/1.1 response in chunks; a plain socket can take direct writes
         if (sock is not None and type(sock).__name__ == "socket" and env.get("wsgi.url_scheme") == "http"
@@ -112,6 +114,7 @@ class SseConnection:
                     yield messages.sse_comment("keepalive")
                     continue
                 sub.idle = False
+                sub.release(item)
                 if sub.overflowed:
                     yield messages.sse_named("error", {"type": "error", "error": sub.overflowed,
                                                        "timestamp": clock.iso(clock.now_ms())})
@@ -158,6 +161,7 @@ class SseConnection:
             if queue.empty() or not isinstance(queue.peek_nowait(), (list, Entry)):
                 break
             item = queue.get_nowait()
+            self.sub.release(item)
         return b"".join(frames), False
 
 
@@ -180,7 +184,7 @@ class JobProgress:
         after = req.get_header("Last-Event-ID") or req.get_param("last_event_id")
         if after is not None and not valid_id(after):
             raise ValidationError("Last-Event-ID", f"expected a stream entry id such as 1700000000000-0, got "
-                                                   f"{after!r}")
+                                                   f"{shown(after)}")
         keys = self.live.queue.keys
         pipe = self.live.hub.client.pipeline(transaction=False)    # the small pool: no growth with clients
         pipe.exists(keys.job(job_id))
@@ -189,6 +193,10 @@ class JobProgress:
             raise JobNotFound(job_id)
         if self.live.registry.closing:
             raise falcon.HTTPServiceUnavailable(description="The API is restarting; retry in a moment")
+        limit = self.live.settings.max_sse_connections
+        if len(self.live.registry.open["sse"]) >= limit:
+            raise Overloaded(f"This API process already serves {limit} event streams (API_MAX_SSE_CONNECTIONS); "
+                             f"retry in {CONNECTIONS_RETRY_S} s", CONNECTIONS_RETRY_S)
         resp.content_type = "text/event-stream"
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Accel-Buffering", "no")

@@ -3,7 +3,8 @@
 `WebSocket.accept(environ)` completes the handshake (or raises HandshakeError for a 400), `receive()` returns
 the next whole text (str) or binary (bytes) message, or None once the connection is closed; pings are
 answered and sent while waiting. `send()` may be called from any greenlet (one lock per connection) and
-always uses sendall. Messages over the size limit close the connection with 1009.
+always uses sendall. Messages over the size limit close the connection with 1009, frames it cannot accept
+(invalid UTF-8 text: 1007; a reserved opcode, RSV bits, an unmasked client frame: 1002) with their code, at once.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class WebSocket:
         self._pending: list[str | bytes] = []
         self._closing_since: float | None = None
         self._last_heard = time.monotonic()
+        self._failed = False          # a protocol error or an oversized message: closed, nothing more is read
 
     @classmethod
     def accept(cls, environ: dict[str, Any], max_message_bytes: int, ping_interval_s: float) -> WebSocket:
@@ -188,6 +190,8 @@ class WebSocket:
                 if exc.event_hint is not None:
                     self._write(exc.event_hint)
                 return None
+            if self._failed:
+                return None
 
     def _handle_events(self) -> None:
         for event in self.conn.events():
@@ -196,6 +200,13 @@ class WebSocket:
             elif isinstance(event, Pong):
                 continue
             elif isinstance(event, CloseConnection):
+                if self.conn.state is ConnectionState.OPEN:
+                    # wsproto reports a frame it cannot accept (invalid UTF-8: 1007; a reserved opcode, RSV bits,
+                    # an unmasked client frame: 1002) as a close event without closing: close with that code now
+                    log.info("WebSocket protocol error on %s: %s (%s)", self.path, event.reason, event.code)
+                    self.close(event.code, event.reason or "protocol error")
+                    self._failed = True
+                    return
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, event.reason or ""
                 if self.conn.state is ConnectionState.REMOTE_CLOSING:
@@ -208,7 +219,8 @@ class WebSocket:
         self._size += len(event.data)
         if self._size > self.max_message_bytes:
             self._parts, self._size = [], 0
-            self.close(TOO_BIG, f"message larger than {self.max_message_bytes} bytes")
+            self.close(TOO_BIG, f"message larger than {self.max_message_bytes} bytes (API_WS_MAX_MESSAGE_BYTES)")
+            self._failed = True
             return
         if self._closing_since is not None:
             return

@@ -24,6 +24,7 @@ from appliance.errors import ValidationError
 log = logging.getLogger(__name__)
 
 RESYNC_MAX = 1000
+MAX_TOPICS, TOPIC_CHARS = 64, 64
 
 
 class MonitorSession(Session):
@@ -66,8 +67,10 @@ class MonitorSession(Session):
 
     def on_subscribe(self, message: dict[str, Any]) -> None:
         topics = message.get("topics", [])
-        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-            raise ValidationError("topics", "expected a list of topic names, e.g. [\"jobs\", \"workers\"]")
+        if not isinstance(topics, list) or not all(isinstance(t, str) and len(t) <= TOPIC_CHARS for t in topics) \
+                or len(topics) > MAX_TOPICS:
+            raise ValidationError("topics", f"expected a list of at most {MAX_TOPICS} topic names of at most "
+                                            f"{TOPIC_CHARS} characters, e.g. [\"jobs\", \"workers\"]")
         self.dialect = "monitor"
         self.topics = frozenset(topics)
         self.reply("subscribed", monitor_id=self.id, topics=sorted(self.topics))

@@ -11,20 +11,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-import orjson
 import redis
 
-from appliance.api import messages
+from appliance.api import auth, capacity, messages
 from appliance.api.connections import Registry
-from appliance.api.fanout import Entry, Hub, Raw, Subscriber, direct_result, valid_id, write_now
+from appliance.api.fanout import Entry, Hub, Raw, Subscriber, direct_result, size_of, valid_id, write_now
+from appliance.api.limits import Limits, caller_of
+from appliance.api.tasks import Tasks
 from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket, text_frame
-from appliance.connector import check_payload
-from appliance.errors import JobFinished, JobNotFound, ValidationError
-from appliance.jobs import JobSpec
+from appliance.errors import JobFinished, JobNotFound, Overloaded, ValidationError, shown
 from appliance.queue import Queue
 from appliance.settings import ApiSettings
 
@@ -33,7 +32,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
 WRITE_BATCH = 64           # queued messages sent in one socket write
-MAX_SUBSCRIPTIONS = 1000   # jobs one connection may follow at once
 _ENVELOPE = frozenset({"type", "id", "message_id", "timestamp", "data"})
 
 
@@ -56,22 +54,31 @@ class Live:
     queue: Queue
     hub: Hub
     registry: Registry
+    tasks: Tasks = field(default_factory=Tasks)        # the process's background tasks (their health)
+    limits: Limits = field(init=False)                  # submits: rate, body and payload limits
+
+    def __post_init__(self) -> None:
+        self.limits = Limits(self.settings)
 
 
 class Session:
     """Base of the three socket kinds; subclasses add handlers and say how events are rendered."""
 
     kind = "legacy"
+    identity = auth.OPEN      # who opened it (set from its API key at the handshake)
+    remote_addr = ""          # the client's address (submits are counted per key, or per address without keys)
 
     def __init__(self, ws: WebSocket, live: Live, conn_id: str):
         self.ws = ws
         self.live = live
         self.id = conn_id
-        self.sub = Subscriber(self.kind, live.settings.client_queue_size, self._overflow)
+        self.sub = Subscriber(self.kind, live.settings.client_queue_size, self._overflow,
+                              live.settings.client_queue_bytes)
         if ws.direct_ok:
             self.sub.direct = self._direct
         self.handlers: dict[str, Handler] = {}
         self._writer: gevent.Greenlet | None = None
+        self._message_bytes: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -149,10 +156,15 @@ class Session:
                     out.append(item.data)
                     continue
                 for entry in item if isinstance(item, list) else [item]:
-                    out.extend(entry.rendered(f"{self.kind}:{self.variant()}:frames", self._frames))
+                    try:
+                        out.extend(entry.rendered(f"{self.kind}:{self.variant()}:frames", self._frames))
+                    except Exception:     # one event this client cannot be sent: skip it, keep the socket
+                        log.exception("a %s event of %s could not be rendered; skipped", self.kind, entry.stream)
                     if entry.event in messages.TERMINAL_EVENTS and entry.stream != events:
                         self.live.hub.leave(self.sub, entry.stream)
-            if out and not self.ws.send_frame(b"".join(out)):
+            sent = not out or self.ws.send_frame(b"".join(out))
+            self.sub.release(sum(size_of(item) for item in items))
+            if not sent:
                 return
 
     def _direct(self, batch: list[Entry]) -> list[Entry] | Raw | None:
@@ -186,17 +198,21 @@ class Session:
             self.error("Binary frames are not supported; send JSON text messages")
             return
         try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.error("Invalid message format: expected a JSON object with a \"type\"")
+            message = self.live.limits.parse_json(raw, "message")
+        except ValidationError as exc:
+            if "API_MAX_JSON_DEPTH" in exc.message:
+                self.error(str(exc), field=exc.field)
+            else:
+                self.error("Invalid message format: expected a JSON object with a \"type\"")
             return
+        self._message_bytes = len(raw)
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self.error("Invalid message format: expected a JSON object with a \"type\"")
             return
         kind = message["type"]
         handler = self.handlers.get(kind)
         if handler is None:
-            self.error(f"Unknown {self.kind} message type: {kind}", message,
+            self.error(f"Unknown {self.kind} message type: {shown(kind)}", message,
                        supported=sorted(self.handlers))
             return
         try:
@@ -207,6 +223,10 @@ class Session:
             self.error("Job not found", message, job_id=exc.job_id)
         except JobFinished as exc:
             self.error(str(exc), message, job_id=exc.job_id, status=exc.status)
+        except capacity.QueueFull as exc:
+            self.error(str(exc), message, retry_after_s=exc.retry_after_s)
+        except Overloaded as exc:
+            self.error(str(exc), message, retry_after_s=exc.retry_after_s)
         except redis.RedisError as exc:
             log.warning("Redis error on a %s WebSocket message %s: %s", self.kind, kind, exc)
             self.error("Redis is not reachable; the job queue is unavailable, retry later", message)
@@ -230,12 +250,21 @@ class Session:
 
     def submit(self, message: dict[str, Any]) -> str:
         """Check and store the job a submit_job message carries (nothing is stored if a check fails)."""
-        spec = JobSpec.parse(submission(message))
-        check_payload(spec.service_required, spec.payload)
-        job_id = self.live.queue.submit(spec)
+        limits = self.live.limits
+        limits.admit_submit(caller_of(self.identity.name, self.remote_addr))
+        spec = limits.submission(submission(message), submitted_by=self.identity.name,
+                                 raw_size=self._message_bytes)
+        job_id = capacity.submit(self.live.queue, spec)
         self.reply("job_submitted", job_id=job_id, message_id=self.message_id(message),
                    message="Job submitted successfully")
         return job_id
+
+    def check_room(self) -> None:
+        """Refuse following one more job on this connection beyond API_MAX_SUBSCRIPTIONS."""
+        limit = self.live.settings.max_subscriptions
+        if len(self.sub.streams) >= limit:
+            raise ValidationError("job_id", f"this connection already follows {limit} jobs "
+                                            "(API_MAX_SUBSCRIPTIONS); unsubscribe_progress from some first")
 
     def follow_job(self, job_id: str, after: str | None = None) -> None:
         """Queue the job's events so far, then its live events (until its terminal event)."""
@@ -247,12 +276,10 @@ class Session:
         if after is not None and not (isinstance(after, str) and valid_id(after)):
             raise ValidationError("last_event_id", "expected a stream entry id such as 1700000000000-0")
         client, keys = self.live.hub.client, self.live.queue.keys
-        status = client.hget(keys.job(job_id), "status")
-        if status is None:
+        status, submitted_by = client.hmget(keys.job(job_id), ["status", "submitted_by"])
+        if status is None or not self.identity.sees(str(submitted_by or "")):
             raise JobNotFound(job_id)
-        if len(self.sub.streams) >= MAX_SUBSCRIPTIONS:
-            raise ValidationError("job_id", f"this connection already follows {MAX_SUBSCRIPTIONS} jobs; "
-                                            "unsubscribe_progress from some first")
+        self.check_room()
         self.reply("subscribed", job_id=job_id, message_id=self.message_id(message))
         if after is not None and status in messages.TERMINAL_EVENTS and \
                 not client.xrange(keys.progress(job_id), f"({after}", "+", count=1):
@@ -266,11 +293,14 @@ class Session:
 
     def on_get_job_status(self, message: dict[str, Any]) -> None:
         job_id = self.job_id(message)
-        self.reply("job_status", job_id=job_id, job=self.live.queue.get(job_id),
-                   message_id=self.message_id(message))
+        job = self.live.queue.get(job_id)
+        if job is not None and not self.identity.sees(job.get("submitted_by", "")):
+            job = None   # another key's job reads as one that does not exist
+        self.reply("job_status", job_id=job_id, job=job, message_id=self.message_id(message))
 
     def on_cancel_job(self, message: dict[str, Any]) -> None:
         job_id = self.job_id(message)
+        auth.require_visible(self.identity, self.live.queue, job_id)
         reason = message.get("reason") if isinstance(message.get("reason"), str) else "Job cancelled by user"
         outcome = self.live.queue.cancel(job_id, reason or "Job cancelled by user")
         text = ("Job cancelled" if outcome == "cancelled"
@@ -308,6 +338,7 @@ class ClientSession(Session):
         self.handlers = {"sync_job_state": self.on_get_job_status, **self.common_handlers()}
 
     def on_submit_job(self, message: dict[str, Any]) -> None:
+        self.check_room()
         self.follow_job(self.submit(message))
 
     def render(self, entry: Entry) -> list[str]:

@@ -8,6 +8,8 @@
 -- KEYS[5] jobs:expiry          zset  finished jobs, member "id<TAB>status<TAB>service", score = expiry (ms)
 -- KEYS[6] events               stream appliance-wide events (for monitors)
 -- KEYS[7] jobs:stats           hash  life-time counters
+-- KEYS[8] jobs:lease-clock     string Redis's own time (ms) when leases were last judged or renewed (see present)
+-- KEYS[9] workers:active       set   registered workers
 -- ARGV[1] prefix of job hashes ("job:")            ARGV[2] prefix of progress streams ("progress:")
 -- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service claim queues
 -- ARGV[5] prefix of per-service wake channels      ARGV[6] progress stream MAXLEN (approximate)
@@ -16,20 +18,70 @@
 -- ARGV[12] prefix of worker hashes ("worker:")   ARGV[13] suffix of a worker's job set (":jobs")
 -- ARGV[14] suffix of a worker's heartbeat key (":heartbeat")   ARGV[15] prefix of idle-worker sets
 -- ARGV[16] prefix of per-worker wake channels
+-- ARGV[17] the caller's lease (ms), for a held job whose holder's lease is not known (see present)
+-- ARGV[18] retry backoff base (ms)   ARGV[19] retry backoff cap (ms)   ARGV[20] jitter, a fraction in [0, 1]
+-- (see backoff_ms; the caller draws it, so that scripts stay deterministic)
 -- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
 -- appliance/keys.py like every other name.
 local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local K_CLOCK, K_ACTIVE = KEYS[8], KEYS[9]
 local P_JOB, P_PROGRESS, P_STATUS, P_PENDING_SVC, P_WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local PROGRESS_MAXLEN, EVENTS_MAXLEN = ARGV[6], ARGV[7]
 local NOW_MS, NOW_ISO = tonumber(ARGV[8]), ARGV[9]
 local TTL_DONE, TTL_FAILED = tonumber(ARGV[10]), tonumber(ARGV[11])
 local P_WORKER, S_WORKER_JOBS, S_HEARTBEAT = ARGV[12], ARGV[13], ARGV[14]
 local P_IDLE, P_WAKE_WORKER = ARGV[15], ARGV[16]
-local FIRST_ARG, FIRST_KEY = 17, 8
+local LEASE_MS = tonumber(ARGV[17])
+local RETRY_BASE_MS, RETRY_MAX_MS, JITTER = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
+local FIRST_ARG, FIRST_KEY = 21, 10
 
 local ACTIVE = { assigned = true, in_progress = true }
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
+
+-- Running work goes on while Redis is full. At maxmemory (noeviction) Redis refuses a script whose first write
+-- may add memory (HSET, ZADD, XADD, ...) with OOM, but lets a script that has already written run to its end
+-- (Redis 6.2, and 7.x for scripts without flags). The scripts of work already accepted (heartbeats, claims,
+-- progress, outcomes, cancels, recovery) start with this write, which adds nothing; submit_job does not, so a
+-- full Redis refuses new jobs only.
+local function keep_running_when_full()
+  redis.call('ZREM', K_LEASES, '')
+end
+
+-- Leases count only the time Redis was there to renew them. K_CLOCK holds Redis's own time (TIME: the callers'
+-- clocks do not matter) when a script last judged or renewed leases. A holder renews every third of its lease,
+-- and idle workers claim every poll interval, so a silence longer than a third of a job's lease means Redis was
+-- away (stopped, restarting, unreachable) or nobody was there to renew anything: that job's lease is moved on by
+-- the silence beyond that third. Its holder finds the lease as it left it when Redis went away, with the time
+-- it had left to renew it or to deliver its outcome; a holder that died meanwhile loses the job within that
+-- time after Redis is back. Called first by every script that expires or renews leases.
+local function present()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = tonumber(redis.call('GET', K_CLOCK))
+  if last and now >= last and now - last < 100 then return end  -- spare the AOF a write per claim
+  redis.call('SET', K_CLOCK, now)
+  if not last or now - last <= 300 then return end  -- below a third of the shortest lease (1 s)
+  local silence, leases = now - last, {}
+  for _, job_id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    local holder = redis.call('HGET', P_JOB .. job_id, 'worker_id')
+    local lease = leases[holder]
+    if not lease then  -- the holder's own lease (WORKER_LEASE_MS of its process), read once per holder
+      lease = tonumber(holder and redis.call('HGET', P_WORKER .. holder, 'lease_ms')) or LEASE_MS
+      leases[holder] = lease
+    end
+    local away = silence - math.floor(lease / 3)
+    if away > 0 then redis.call('ZINCRBY', K_LEASES, away, job_id) end
+  end
+end
+
+-- How long a job waits before its next attempt, having had `retries` retries: exponential backoff with jitter,
+-- between half and all of min(RETRY_MAX_MS, RETRY_BASE_MS * 2^retries). The one curve of every retry (a failed
+-- attempt, a timeout, a lost worker); `jitter` is a fraction in [0, 1] (ARGV, drawn by the caller).
+local function backoff_ms(retries, jitter)
+  local step = math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ^ math.min(retries, 40))
+  return math.floor(step * (1 + jitter) / 2)
+end
 
 -- Append one event to the job's stream and to the appliance-wide stream; returns the job stream entry id.
 local function emit(job_id, fields)
@@ -68,13 +120,22 @@ local function take(job_id, queue, worker_id, lease_ms)
   return redis.call('HGETALL', job_key)
 end
 
+-- A worker's status as a script sets it, on the events stream (monitors show it as worker_status_changed): the
+-- status and job it has now, not as a later read of its record would find them.
+local function worker_event(worker_id, old, new, job_id, count)
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'worker_status', 'worker_id', worker_id,
+    'old_status', old or '', 'status', new, 'current_job_id', job_id, 'current_jobs', count, 'updated_at', NOW_ISO)
+end
+
 -- Record on a (registered) worker's hash that it is busy, with `job_id` as its latest job.
 local function busy(worker_id, job_id)
   local worker_key = P_WORKER .. worker_id
-  if redis.call('EXISTS', worker_key) == 1 then
-    redis.call('HSET', worker_key, 'status', 'busy',
-      'current_jobs', redis.call('SCARD', worker_key .. S_WORKER_JOBS), 'last_status_change', NOW_ISO,
+  local old = redis.call('HGET', worker_key, 'status')
+  if old then
+    local count = redis.call('SCARD', worker_key .. S_WORKER_JOBS)
+    redis.call('HSET', worker_key, 'status', 'busy', 'current_jobs', count, 'last_status_change', NOW_ISO,
       'current_job_id', job_id)
+    worker_event(worker_id, old, 'busy', job_id, count)
   end
 end
 
@@ -140,20 +201,23 @@ local function retire(job_id, status, service)
 end
 
 -- Record on the worker's hash how many jobs it still holds (idle when none), if it is still registered.
-local function holding(worker_key, worker_jobs_key)
-  if redis.call('EXISTS', worker_key) == 0 then return end
+local function holding(worker_id, worker_key, worker_jobs_key)
+  local w = redis.call('HMGET', worker_key, 'status', 'current_job_id')
+  if not w[1] then return end
   local left = redis.call('SCARD', worker_jobs_key)
   if left == 0 then
     redis.call('HSET', worker_key, 'current_jobs', 0, 'last_status_change', NOW_ISO, 'status', 'idle',
       'current_job_id', '')
+    worker_event(worker_id, w[1], 'idle', '', 0)
   else
     redis.call('HSET', worker_key, 'current_jobs', left, 'last_status_change', NOW_ISO)
+    worker_event(worker_id, w[1], w[1], w[2] or '', left)
   end
 end
 
 -- Release a worker's hold on a job (worker hash counters and its set of held jobs).
-local function unhold(worker_key, worker_jobs_key, job_id)
-  if redis.call('SREM', worker_jobs_key, job_id) == 1 then holding(worker_key, worker_jobs_key) end
+local function unhold(worker_id, worker_key, worker_jobs_key, job_id)
+  if redis.call('SREM', worker_jobs_key, job_id) == 1 then holding(worker_id, worker_key, worker_jobs_key) end
 end
 
 -- The job's status, seq, service, score, retry_count, max_retries and started_at if `worker_id` holds it
@@ -181,32 +245,61 @@ local function count(worker_key, field)
   if redis.call('EXISTS', worker_key) == 1 then redis.call('HINCRBY', worker_key, field, 1) end
 end
 
--- Jobs whose lease ran out (their worker died or lost Redis for longer than the lease): each goes back in
--- line at its priority and place, counting a retry and recording last_failed_worker; past max_retries it
--- ends failed ("worker lost"); one whose cancel was requested ends cancelled. Returns how many.
-local function recover_expired(limit)
+-- Retire a worker that is gone (its record, heartbeat and set of held jobs), telling monitors at once. One that
+-- is alive after all (frozen, cut off) finds no record at its next heartbeat and registers again.
+local function lose_worker(worker_id, reason)
+  local worker_key = P_WORKER .. worker_id
+  redis.call('DEL', worker_key, worker_key .. S_HEARTBEAT, worker_key .. S_WORKER_JOBS)
+  redis.call('SREM', K_ACTIVE, worker_id)
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'worker_disconnected',
+    'worker_id', worker_id, 'reason', reason, 'updated_at', NOW_ISO)
+end
+
+-- Jobs whose lease ran out (their worker died, froze, or lost Redis for longer than the lease while Redis was
+-- there; see present): each counts a retry, records last_failed_worker and waits its backoff in jobs:delayed
+-- like any failed attempt, so a job that keeps killing its worker does not take down one worker after another
+-- at once; past max_retries it ends failed ("worker lost"); one whose cancel was requested ends cancelled. A
+-- holder that has not beaten for a whole lease is lost: retired at once (lose_worker). `why` says what happened
+-- to the worker (default: it stopped renewing). Returns how many leases were handled and the workers retired.
+local function recover_expired(limit, why)
+  present()
+  why = why or 'stopped renewing its lease'
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_MS, 'LIMIT', 0, limit)
-  for _, job_id in ipairs(expired) do
+  local lost = {}
+  for n, job_id in ipairs(expired) do
     redis.call('ZREM', K_LEASES, job_id)
     local job_key = P_JOB .. job_id
     local j = redis.call('HMGET', job_key, 'status', 'worker_id', 'seq', 'service_required', 'score',
       'retry_count', 'max_retries', 'queue', 'cancel_requested')
     local status, worker_id, seq, service = j[1], j[2], j[3], j[4]
     if ACTIVE[status] then
-      -- the job stays in the old holder's set: its next heartbeat finds it gone and reports it lost
+      local holder = redis.call('HMGET', P_WORKER .. worker_id, 'last_heartbeat_ms', 'lease_ms')
+      local beat = tonumber(holder[1])
+      if beat and NOW_MS - beat >= (tonumber(holder[2]) or LEASE_MS) then
+        lose_worker(worker_id, 'its lease expired: ' .. why)
+        lost[#lost + 1] = worker_id
+      end
+      -- otherwise the job stays in the holder's set: its next heartbeat finds it gone and reports it lost
       local retries, max_retries = tonumber(j[6]) or 0, tonumber(j[7]) or 0
       if j[9] and j[9] ~= '' then
         end_cancelled(job_id, status, seq, service, worker_id)
       elseif retries < max_retries then
-        local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease'
-        set_status(job_id, status, 'pending', seq, { 'retry_count', retries + 1, 'last_failed_worker', worker_id, 'worker_id', '',
-          'error', err, 'failed_at', NOW_ISO, 'progress', 0 })
+        local err = 'worker lost: ' .. worker_id .. ' ' .. why
+        local jitter = JITTER  -- spread over the jobs of one call (the golden ratio's fraction apart)
+        if n > 1 then jitter = (JITTER + (n - 1) * 0.6180339887) % 1 end
+        local due = NOW_MS + backoff_ms(retries, jitter)
+        set_status(job_id, status, 'pending', seq, { 'retry_count', retries + 1, 'last_failed_worker', worker_id,
+          'worker_id', '', 'error', err, 'failed_at', NOW_ISO, 'progress', 0, 'retry_at', due })
         emit(job_id, { 'event', 'retrying', 'status', 'retrying', 'worker_id', worker_id, 'error', err,
           'message', err, 'retry_count', retries + 1, 'max_retries', max_retries, 'will_retry', 'true',
-          'retry_at', NOW_MS })
-        enqueue(job_id, service, j[8], j[5])
+          'retry_at', due })
+        if due > NOW_MS then
+          redis.call('ZADD', K_DELAYED, due, job_id)
+        else
+          enqueue(job_id, service, j[8], j[5])
+        end
       else
-        local err = 'worker lost: ' .. worker_id .. ' stopped renewing its lease, and no retries are left'
+        local err = 'worker lost: ' .. worker_id .. ' ' .. why .. ', and no retries are left'
         set_status(job_id, status, 'failed', seq, { 'error', err, 'failed_at', NOW_ISO, 'last_failed_worker', worker_id })
         emit(job_id, { 'event', 'failed', 'status', 'failed', 'worker_id', worker_id, 'error', err,
           'message', err, 'retry_count', retries, 'will_retry', 'false', 'failed_at', NOW_ISO })
@@ -214,7 +307,16 @@ local function recover_expired(limit)
       end
     end
   end
-  return #expired
+  return #expired, lost
+end
+
+-- Put up to `limit` retries that are due back in line, each at its own score (priority and place).
+local function promote_due(limit)
+  for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_MS, 'LIMIT', 0, limit)) do
+    local job = redis.call('HMGET', P_JOB .. job_id, 'service_required', 'score', 'status', 'queue')
+    redis.call('ZREM', K_DELAYED, job_id)
+    if job[1] and job[3] == 'pending' then enqueue(job_id, job[1], job[4], job[2]) end
+  end
 end
 
 -- Take a pending job (already out of its claim queue) out of line into `unworkable_key` (a zset with the

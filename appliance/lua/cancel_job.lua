@@ -1,20 +1,31 @@
--- cancel_job: cancel a job. A pending job ends at once; a running one is flagged and its worker is told.
--- KEYS[8] job:{id}
--- ARGV[17] job id   ARGV[18] cancel channel (workers filter by worker id)   ARGV[19] reason
--- Returns {"cancelled"} | {"cancelling", worker_id} | {"finished", status} | {"not_found"}.
+-- cancel_job: cancel a job at once, whatever state its worker is in.
+-- KEYS[10] job:{id}
+-- ARGV[21] job id   ARGV[22] cancel channel (workers filter by worker id)   ARGV[23] reason
+-- A pending job (or one waiting for a retry, or unworkable) leaves every line and ends cancelled. A running one
+-- ends cancelled too, and its worker is fenced: the job leaves its set of held jobs and its lease, so whatever the
+-- worker writes for that attempt later (progress, result, failure) is refused, even from a worker that was frozen
+-- or cut off when the cancel came. The worker is told on the cancel channel and stops the connector; one that
+-- missed the message learns it at its next heartbeat (the job is reported lost).
+-- Returns {"cancelled"} | {"cancelling", worker_id} (was running) | {"finished", status} | {"not_found"}.
+keep_running_when_full()
 local job_key, job_id = KEYS[FIRST_KEY], ARGV[FIRST_ARG]
 local cancel_channel, reason = ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local job = redis.call('HMGET', job_key, 'status', 'seq', 'service_required', 'worker_id', 'queue')
 local status, seq, service, worker_id, queue = job[1], job[2], job[3], job[4], job[5]
 if not status then return { 'not_found' } end
 if TERMINAL[status] then return { 'finished', status } end
-if ACTIVE[status] then
-  redis.call('HSET', job_key, 'cancel_requested', NOW_ISO)
-  redis.call('PUBLISH', cancel_channel, cjson.encode({ job_id = job_id, worker_id = worker_id }))
-  return { 'cancelling', worker_id }
-end
-dequeue(job_id, queue)
+local running = ACTIVE[status] and worker_id and worker_id ~= ''
+if not running then dequeue(job_id, queue) end
 set_status(job_id, status, 'cancelled', seq, { 'error', reason, 'cancelled_at', NOW_ISO })
-emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'error', reason, 'message', reason })
+if running then
+  emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'worker_id', worker_id, 'error', reason,
+    'message', reason })
+else
+  emit(job_id, { 'event', 'cancelled', 'status', 'cancelled', 'error', reason, 'message', reason })
+end
 retire(job_id, 'cancelled', service)
-return { 'cancelled' }
+if not running then return { 'cancelled' } end
+local worker_key = P_WORKER .. worker_id
+unhold(worker_id, worker_key, worker_key .. S_WORKER_JOBS, job_id)
+redis.call('PUBLISH', cancel_channel, cjson.encode({ job_id = job_id, worker_id = worker_id }))
+return { 'cancelling', worker_id }

@@ -1,9 +1,9 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
--- KEYS[8]   jobs:class-version         counter bumped when a requirement class appears or goes
--- KEYS[9..] claim queues                every queue (service, requirement class) the worker can serve
+-- KEYS[10]   jobs:class-version         counter bumped when a requirement class appears or goes
+-- KEYS[11..] claim queues                every queue (service, requirement class) the worker can serve
 -- (the worker's hash and set of held jobs are written through take and busy in _lib, named by prefix)
--- ARGV[17] worker id   ARGV[18] how many jobs to take at most   ARGV[19] lease (ms)
--- ARGV[20..] the worker's services, each marked "+" if its own queue is among KEYS (the worker reads it) or
+-- ARGV[21] worker id   ARGV[22] how many jobs to take at most   ARGV[23] lease (ms)
+-- ARGV[24..] the worker's services, each marked "+" if its own queue is among KEYS (the worker reads it) or
 -- "-" if not: a claim that empties the worker's queues puts it in the idle sets of its "+" services (a job
 -- arriving there wakes it, see wake in _lib); any other claim takes it out. A claim that took all it could and
 -- left jobs in a service's queue wakes another idle worker for them.
@@ -14,13 +14,9 @@
 -- HGETALL's list.
 local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
 
+keep_running_when_full()
 recover_expired(20)
-local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_MS, 'LIMIT', 0, 100)
-for _, job_id in ipairs(due) do
-  local job = redis.call('HMGET', P_JOB .. job_id, 'service_required', 'score', 'status', 'queue')
-  redis.call('ZREM', K_DELAYED, job_id)
-  if job[1] and job[3] == 'pending' then enqueue(job_id, job[1], job[4], job[2]) end
-end
+promote_due(100)
 
 -- The head (best job) of each queue, read once; only the queue a job was taken from is read again, so taking
 -- n jobs from q queues costs q + n reads, not q * n.

@@ -1,10 +1,11 @@
 -- complete_jobs: finish jobs of one worker with their results (each refused unless the worker still holds it).
--- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[17] worker id, then four per job: ARGV[18] job id  ARGV[19] attempt  ARGV[20] result (JSON)
--- ARGV[21] message, ARGV[22] the next job's id, ...
+-- KEYS[10] worker:{id}:jobs   KEYS[11] worker:{id}
+-- ARGV[21] worker id, then four per job: ARGV[22] job id  ARGV[23] attempt  ARGV[24] result (JSON)
+-- ARGV[25] message, ARGV[26] the next job's id, ...
 -- A batch is one call: the worker's hash is updated once for all of them (jobs finishing together).
 -- Idempotent: completing again what this attempt already completed returns ok.
 -- Returns one code per job, in order: "ok", "not_found" or "lost".
+keep_running_when_full()
 local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local worker_id = ARGV[FIRST_ARG]
 local codes, completed, released = {}, 0, 0
@@ -29,7 +30,7 @@ for i = FIRST_ARG + 1, #ARGV, 4 do
   if why ~= 'not_found' then released = released + redis.call('SREM', worker_jobs_key, job_id) end
   codes[#codes + 1] = why
 end
-if released > 0 then holding(worker_key, worker_jobs_key) end
+if released > 0 then holding(worker_id, worker_key, worker_jobs_key) end
 if completed > 0 and redis.call('EXISTS', worker_key) == 1 then
   redis.call('HINCRBY', worker_key, 'total_jobs_completed', completed)
 end

@@ -1,30 +1,33 @@
 -- heartbeat_worker: refresh a worker's heartbeat and telemetry, and renew the leases of the jobs it runs.
--- KEYS[8] worker:{id}   KEYS[9] worker:{id}:heartbeat   KEYS[10] workers:active   KEYS[11] worker:{id}:jobs
--- KEYS[12] workers:offered   KEYS[13] workers:serving   KEYS[14] workers:unhealthy
--- KEYS[15..14+m] jobs:unoffered:{service} of each of the worker's m services
--- ARGV[17] worker id   ARGV[18] heartbeat TTL (s)   ARGV[19] lease (ms)   ARGV[20] n, the number of jobs
--- ARGV[21 .. 20+2n] job id, attempt pairs: the jobs this process is running
--- ARGV[21+2n] m, then m service, health error ('' if healthy) pairs: the services it is configured for
+-- KEYS[10] worker:{id}   KEYS[11] worker:{id}:heartbeat   KEYS[12] worker:{id}:jobs
+-- KEYS[13] workers:offered   KEYS[14] workers:serving   KEYS[15] workers:unhealthy
+-- KEYS[16..15+m] jobs:unoffered:{service} of each of the worker's m services
+-- ARGV[21] worker id   ARGV[22] heartbeat TTL (s)   ARGV[23] lease (ms)   ARGV[24] n, the number of jobs
+-- ARGV[25 .. 24+2n] job id, attempt pairs: the jobs this process is running
+-- ARGV[25+2n] m, then m service, health error ('' if healthy) pairs: the services it is configured for
 -- (refreshed as offered; their unworkable jobs go back in line, a batch per beat: see offer in _lib)
 -- then field, value pairs for the worker hash
--- A job this worker no longer holds (its lease expired and it was recovered) is reported back as lost, so
--- the worker stops working on it; a job whose cancel was requested is reported too (in case the worker
--- missed the cancel message). A job Redis holds for this worker that it does not run, handed to it more
--- than ORPHAN_MS ago (the hand-off message was lost with a connection), is reported as an orphan (id and
+-- It runs while Redis is full (keep_running_when_full), and first notes that Redis is there (present: after an
+-- outage every lease is moved on by it, before this worker renews its own).
+-- A job this worker no longer holds (its lease expired and it was recovered, or it was cancelled) is reported
+-- back as lost, so the worker stops working on it; a job whose cancel was requested is reported too (in case
+-- the worker missed the cancel message). A job Redis holds for this worker that it does not run, handed to it
+-- more than ORPHAN_MS ago (the hand-off message was lost with a connection), is reported as an orphan (id and
 -- attempt), for the worker to give back at once rather than leave it until its lease runs out.
 -- Returns {"ok", {lost job ids...}, {cancelled job ids...}, {orphan id, attempt, ...}} or {"unknown"} if the
 -- worker record is gone (it must register again).
-local worker_key, heartbeat_key, active_key, jobs_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1],
-  KEYS[FIRST_KEY + 2], KEYS[FIRST_KEY + 3]
+keep_running_when_full()
+local worker_key, heartbeat_key, jobs_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY + 2]
 local worker_id, ttl_s, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
 local n = tonumber(ARGV[FIRST_ARG + 3])
 if redis.call('EXISTS', worker_key) == 0 then return { 'unknown' } end
-local after = offer(worker_id, FIRST_ARG + 4 + 2 * n, FIRST_KEY + 4, ttl_s * 1000)
+present()
+local after = offer(worker_id, FIRST_ARG + 4 + 2 * n, FIRST_KEY + 3, ttl_s * 1000)
 local fields = {}
 for i = after, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, unpack(fields))
+redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, 'last_heartbeat_ms', NOW_MS, unpack(fields))
 redis.call('SET', heartbeat_key, NOW_ISO, 'EX', ttl_s)
-redis.call('SADD', active_key, worker_id)
+redis.call('SADD', K_ACTIVE, worker_id)
 local ORPHAN_MS = 5000
 local lost, cancel, orphans, reported = {}, {}, {}, {}
 for i = 1, n do

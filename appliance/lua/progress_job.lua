@@ -1,9 +1,10 @@
 -- progress_job: record one progress step of a running job (refused unless the caller still holds it).
--- KEYS[8] worker:{id}:jobs
--- ARGV[17] job id  ARGV[18] worker id  ARGV[19] attempt  ARGV[20] percent (0..100)  ARGV[21] message
--- ARGV[22] current step  ARGV[23] total steps
+-- KEYS[10] worker:{id}:jobs
+-- ARGV[21] job id  ARGV[22] worker id  ARGV[23] attempt  ARGV[24] percent (0..100)  ARGV[25] message
+-- ARGV[26] current step  ARGV[27] total steps
 -- The first step moves the job from assigned to in_progress (with its own "in_progress" event).
 -- Returns {"ok", stream entry id} or {"not_found"} / {"lost"}.
+keep_running_when_full()
 local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local percent, message = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
 local step, total = ARGV[FIRST_ARG + 5], ARGV[FIRST_ARG + 6]

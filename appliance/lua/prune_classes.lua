@@ -1,10 +1,10 @@
 -- prune_classes: forget requirement classes nobody submitted to for a while and whose jobs are all gone, so
 -- that classes (one per requirements and customer) do not pile up and slow every worker's claims.
--- KEYS[8] jobs:class-used   KEYS[9] jobs:class-version
--- ARGV[17] idle time (ms) after the last submit   ARGV[18] most classes to look at in this call
--- ARGV[19] prefix of class records ("jobs:class:")   ARGV[20] prefix of a service's class set ("jobs:classes:")
--- ARGV[21] prefix of a class's unworkable jobs ("jobs:unworkable:")
--- ARGV[22] prefix of a service's jobs no worker offered ("jobs:unoffered:")
+-- KEYS[10] jobs:class-used   KEYS[11] jobs:class-version
+-- ARGV[21] idle time (ms) after the last submit   ARGV[22] most classes to look at in this call
+-- ARGV[23] prefix of class records ("jobs:class:")   ARGV[24] prefix of a service's class set ("jobs:classes:")
+-- ARGV[25] prefix of a class's unworkable jobs ("jobs:unworkable:")
+-- ARGV[26] prefix of a service's jobs no worker offered ("jobs:unoffered:")
 -- A class with jobs still waiting (in its queue, unworkable, for a retry) or running is kept, and looked at
 -- again after another idle time; so is any class of a service with jobs waiting for a worker to offer it
 -- (they go back to their class's queue). A later submit records the class again (submit_job), so forgetting one never strands a job.

@@ -1,19 +1,21 @@
 -- release_job: hand a held job back to the queue at its priority and place, without counting a retry
--- (a worker draining on shutdown).
--- KEYS[8] worker:{id}:jobs   KEYS[9] worker:{id}
--- ARGV[17] job id  ARGV[18] worker id  ARGV[19] attempt  ARGV[20] reason
+-- (a worker draining on shutdown, or giving back a job it was handed but will not run).
+-- KEYS[10] worker:{id}:jobs   KEYS[11] worker:{id}
+-- ARGV[21] job id  ARGV[22] worker id  ARGV[23] attempt  ARGV[24] reason
 -- A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"ok"}, {"cancelled"} or {"not_found"} / {"lost"}.
+keep_running_when_full()
 local job_id, worker_id, attempt, reason = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2],
   ARGV[FIRST_ARG + 3]
+local jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local job, why = held(job_id, worker_id, attempt)
 if not job then
-  if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
+  if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
   return { why }
 end
-unhold(KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY], job_id)
 if job.cancel_requested then
   end_cancelled(job_id, job.status, job.seq, job.service, worker_id)
+  unhold(worker_id, worker_key, jobs_key, job_id)
   return { 'cancelled' }
 end
 redis.call('ZREM', K_LEASES, job_id)
@@ -21,4 +23,5 @@ set_status(job_id, job.status, 'pending', job.seq, { 'worker_id', '', 'progress'
 emit(job_id, { 'event', 'requeued', 'status', 'pending', 'worker_id', worker_id, 'message', reason,
   'progress', 0 })
 enqueue(job_id, job.service, job.queue, job.score)
+unhold(worker_id, worker_key, jobs_key, job_id)
 return { 'ok' }

@@ -1,6 +1,6 @@
 -- revive_unworkable: put unworkable jobs back in line (a worker that can serve them registered), each at its
 -- own score (priority and original place).
--- KEYS[8] the unworkable jobs      zset jobs:unworkable:{class id} (a requirement class) or
+-- KEYS[10] the unworkable jobs     zset jobs:unworkable:{class id} (a requirement class) or
 --                                  jobs:unoffered:{service} (a service no worker offered)
 -- ARGV[FIRST_ARG] message for the event   ARGV[FIRST_ARG + 1] at most this many jobs per call
 -- Each job goes back to the claim queue named by its `queue` field. Members that are no longer

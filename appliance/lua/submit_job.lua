@@ -1,20 +1,20 @@
 -- submit_job: create a job and put it in line (recording its requirement class, if it has one).
--- KEYS[8]  job:{id}                   hash, must not exist
--- KEYS[9]  the job's claim queue      zset: jobs:pending:{service}, or one per requirement class
--- KEYS[10] jobs:seq                   counter
--- KEYS[11] jobs:index:service:{svc}   zset
--- KEYS[12] jobs:services              set of every service ever submitted
--- KEYS[13] workers:offered            zset: service -> when a registered worker last offered it (ms)
--- KEYS[14] jobs:unoffered:{svc}       zset: the service's jobs that wait for a worker offering it
+-- KEYS[10] job:{id}                   hash, must not exist
+-- KEYS[11] the job's claim queue      zset: jobs:pending:{service}, or one per requirement class
+-- KEYS[12] jobs:seq                   counter
+-- KEYS[13] jobs:index:service:{svc}   zset
+-- KEYS[14] jobs:services              set of every service ever submitted
+-- KEYS[15] workers:offered            zset: service -> when a registered worker last offered it (ms)
+-- KEYS[16] jobs:unoffered:{svc}       zset: the service's jobs that wait for a worker offering it
 -- with a requirement class only:
--- KEYS[15] jobs:class:{class id}      string, JSON of the class (service, requirements, customer_id, queue)
--- KEYS[16] jobs:classes:{service}     set of the service's class ids
--- KEYS[17] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
--- KEYS[18] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
--- ARGV[17] job id   ARGV[18] service   ARGV[19] priority (integer 0..1000000)
--- ARGV[20] class id ('' for the service's own queue)   ARGV[21] class JSON ('' without a class)
--- ARGV[22] offered window (ms): a service no registered worker offered for this long cannot be served now
--- ARGV[23..] field, value pairs for the job hash (payload, requirements, ... already encoded)
+-- KEYS[17] jobs:class:{class id}      string, JSON of the class (service, requirements, customer_id, queue)
+-- KEYS[18] jobs:classes:{service}     set of the service's class ids
+-- KEYS[19] jobs:class-version         counter, bumped when the class is new (workers plan their queues again)
+-- KEYS[20] jobs:class-used            zset: class id -> last submit (ms), for forgetting idle classes
+-- ARGV[21] job id   ARGV[22] service   ARGV[23] priority (integer 0..1000000)
+-- ARGV[24] class id ('' for the service's own queue)   ARGV[25] class JSON ('' without a class)
+-- ARGV[26] offered window (ms): a service no registered worker offered for this long cannot be served now
+-- ARGV[27..] field, value pairs for the job hash (payload, requirements, ... already encoded)
 -- Score = priority * 2^33 + (2^33 - 1 - seq): higher priority first, then earlier submission, exactly
 -- (the largest score, about 8.6e15, stays below 2^53). A job of a service not offered within the window is
 -- `unworkable` at once (with the reason, naming the services offered), out of line in jobs:unoffered:{svc}
