@@ -74,8 +74,8 @@ class Queue:
 
     def _public(self, records: builtins.list[dict[str, str]]) -> builtins.list[dict[str, Any]]:
         """Job records as clients see them. A pending job that no worker can take now says why in
-        `waiting_reason`: its service is configured on a worker whose health check fails, or no worker at all
-        offered a service lately."""
+        `waiting_reason`: no live worker offers its service now, its service is configured on a worker whose
+        health check fails, or no worker at all offered a service lately."""
         jobs = [public_job(fields) for fields in records]
         pending = [(job, fields.get("service_required", "")) for job, fields in zip(jobs, records, strict=True)
                    if fields.get("status") == JobStatus.PENDING]
@@ -87,18 +87,34 @@ class Queue:
         return jobs
 
     def waiting_reasons(self, services: builtins.list[str], now_ms: int | None = None) -> dict[str, str]:
-        """Why jobs of these services wait though they are not unworkable, for those that do."""
+        """Why jobs of these services wait though they are not unworkable, for those that do.
+
+        A service no live worker offers now, but one offered within OFFERED_WINDOW_MS (a worker restarting, or
+        every worker down), is not judged unworkable yet: its jobs say so, and when that ends."""
         if not services:
             return {}
         now = clock.now_ms() if now_ms is None else now_ms
+        window_s = OFFERED_WINDOW_MS // 1000
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(self.keys.services_unhealthy, services)
+        pipe.zmscore(self.keys.services_offered, services)
         pipe.zcount(self.keys.services_offered, now - OFFERED_WINDOW_MS, "+inf")
-        notes, offered = pipe.execute()
+        notes, last_offered, offered = pipe.execute()
         if not offered:
-            idle = f"no worker offered any service in the last {OFFERED_WINDOW_MS // 1000}s"
+            idle = (f"no worker offered any service in the last {window_s}s: it waits for a worker to register "
+                    "(is the appliance's worker program running? `bin/appliance status`)")
             return dict.fromkeys(services, idle)
-        return {service: note for service, note in zip(services, notes, strict=True) if note}
+        live = {service for worker in self.workers() if worker.get("alive")
+                for service in (worker.get("capabilities") or {}).get("services") or ()}
+        reasons = {}
+        for service, note, last in zip(services, notes, last_offered, strict=True):
+            if note:
+                reasons[service] = note
+            elif service not in live and last is not None:
+                since_s = max(0, (now - int(last)) // 1000)
+                reasons[service] = (f"no live worker offers service '{service}' now (last offered {since_s}s ago); "
+                                    f"its jobs become unworkable if none offers it within {window_s}s of that")
+        return reasons
 
     def submitter(self, job_id: str) -> str | None:
         """The name of the API key that submitted a job ('' for none), or None if there is no such job."""

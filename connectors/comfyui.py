@@ -156,8 +156,9 @@ class ComfyUIConnector(Connector):
         except (OSError, ValueError) as exc:
             ok = False
             self._health_error = f"ComfyUI at {self.http.base} does not answer: {exc}"
-            if was:
-                log.warning("ComfyUI at %s is down (%s): not offering comfyui", self.http.base, exc)
+            if was or not self._checked_ms:  # going down, or down from the start: say so once
+                log.warning("ComfyUI at %s does not answer (%s): not offering comfyui until it does",
+                            self.http.base, exc)
         self._checked_ms = clock.now_ms()
         if ok and not was:
             log.info("ComfyUI at %s is up (version %s): offering comfyui", self.http.base, self._version)

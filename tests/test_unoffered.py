@@ -4,6 +4,7 @@ does; a worker restarting within the window churns nothing; a job waiting for an
 from __future__ import annotations
 
 import falcon.testing
+import orjson
 import pytest
 import redis
 
@@ -25,8 +26,10 @@ def submit(queue: Queue, service: str, priority: int = 50, now_ms: int | None = 
 
 
 def offer(queue: Queue, worker_id: str, now_ms: int | None = None, **offers: str) -> None:
-    """Register a stand-in worker offering `offers` (service → '' if healthy, else its health error)."""
-    queue.scripts.register_worker(worker_id, 60, {}, offers, now_ms=now_ms)
+    """Register a stand-in worker offering `offers` (service → '' if healthy, else its health error), with the
+    capabilities a real worker records."""
+    fields = {"capabilities": orjson.dumps({"services": list(offers)}).decode()}
+    queue.scripts.register_worker(worker_id, 60, fields, offers, now_ms=now_ms)
 
 
 def events(client: redis.Redis, queue: Queue, job_id: str) -> list[str]:
@@ -50,7 +53,8 @@ def test_a_job_nobody_offers_is_unworkable_at_once_naming_what_is_offered(client
     assert result.status_code == 201
     job = api.simulate_get(f"/api/jobs/{result.json['job_id']}").json["job"]
     assert job["status"] == "unworkable"
-    assert job["unworkable_reason"] == "no registered worker offers service 'nop'; offered: comfyui, simulation"
+    assert job["unworkable_reason"] == ("no registered worker offers service 'nop'; "
+                                        "services offered in the last 300s: comfyui, simulation")
     assert "waiting_reason" not in job
     assert events(client, queue, job["id"]) == ["submitted", "unworkable"]  # what SSE and WebSocket relay
     k = queue.keys
@@ -79,9 +83,28 @@ def test_with_no_worker_at_all_jobs_wait_and_say_why(queue: Queue, client: redis
     job_id = submit(queue, "simulation")
     job = queue.get(job_id)
     assert job is not None and job["status"] == "pending"
-    assert job["waiting_reason"] == f"no worker offered any service in the last {OFFERED_WINDOW_MS // 1000}s"
+    assert job["waiting_reason"].startswith(f"no worker offered any service in the last "
+                                            f"{OFFERED_WINDOW_MS // 1000}s: it waits for a worker to register")
     offer(queue, "w1", simulation="")
     assert "waiting_reason" not in queue.get(job_id)  # type: ignore[operator]
+
+
+def test_a_service_offered_lately_but_by_no_live_worker_now_says_so(queue: Queue) -> None:
+    """Every worker down, or the one offering a service restarting without it: not unworkable yet, not silent."""
+    offer(queue, "w1", simulation="", noop="")
+    offer(queue, "w2", simulation="")
+    queue.scripts.deregister_worker("w1")
+    noop_job, sim_job = submit(queue, "noop"), submit(queue, "simulation")
+    job = queue.get(noop_job)
+    assert job is not None and job["status"] == "pending"
+    assert job["waiting_reason"].startswith("no live worker offers service 'noop' now (last offered 0s ago); "
+                                            f"its jobs become unworkable if none offers it within "
+                                            f"{OFFERED_WINDOW_MS // 1000}s")
+    assert "waiting_reason" not in queue.get(sim_job)  # type: ignore[operator]
+    assert any(line.startswith("waiting: 1 jobs of service 'noop': no live worker") for line in queue.service_notes())
+    queue.scripts.deregister_worker("w2")
+    job = queue.get(sim_job)
+    assert job is not None and job["waiting_reason"].startswith("no live worker offers service 'simulation' now")
 
 
 # -- back in line -------------------------------------------------------------------------------------------
@@ -155,7 +178,8 @@ def test_past_the_window_the_janitor_marks_waiting_jobs_and_a_heartbeat_brings_t
     assert queue.classes.sweep_services(now_ms=later) == (1, 0)
     job = queue.get(job_id)
     assert job is not None and job["status"] == "unworkable"
-    assert job["unworkable_reason"] == "no registered worker offers service 'simulation'; offered: other"
+    assert job["unworkable_reason"] == ("no registered worker offers service 'simulation'; "
+                                        "services offered in the last 300s: other")
     assert events(client, queue, job_id)[-1] == "unworkable"
     offer(queue, "sim", now_ms=later + 1, simulation="")
     assert queue.scripts.heartbeat_worker("sim", 60, 20_000, {}, {}, {"simulation": ""}, now_ms=later + 2)

@@ -359,7 +359,8 @@ local function unoffered(offered_key, service, since_ms)
   local known = redis.call('ZRANGEBYSCORE', offered_key, since_ms, '+inf')
   if #known == 0 then return nil end
   table.sort(known)
-  return "no registered worker offers service '" .. service .. "'; offered: " .. table.concat(known, ', ')
+  return "no registered worker offers service '" .. service .. "'; services offered in the last " ..
+    math.floor((NOW_MS - since_ms) / 1000) .. 's: ' .. table.concat(known, ', ')
 end
 
 -- A registered worker's services, as its register or heartbeat reports them: ARGV[at] = n, then n pairs
