@@ -6,7 +6,7 @@ one service with the same canonical requirements and customer share one queue,
 `jobs:classes:{service}`), and each worker works out in Python which classes it can serve; the claim script
 reads only those queues, so jobs a worker cannot serve cost its claim nothing, however many.
 
-Requirement kinds (seed-system §8, with unknown keys refused instead of silently matched):
+Requirement kinds (the original system's, with unknown keys refused instead of silently matched):
 
 - `gpu_memory_gb`, `gpu_count`, `cpu_cores`, `ram_gb`: the worker's hardware must have at least this much;
   `"all"` means any.

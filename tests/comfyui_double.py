@@ -1,4 +1,4 @@
-"""A protocol-faithful ComfyUI test double, written from ../shared/reference/comfyui-protocol.md (§5-§7).
+"""A protocol-faithful ComfyUI test double: ComfyUI's HTTP routes, WebSocket messages and execution order.
 
 HTTP (also under /api/): POST /prompt (validation before queueing: 400 shapes, 500 on a non-JSON body or a
 graph it cannot read, such as a UI-format workflow), GET /queue, POST /queue (delete pending / clear),

@@ -4,16 +4,11 @@ and a fake worker that writes job events through the Lua scripts (fast and deter
 from __future__ import annotations
 
 import http.client
-import os
-import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,31 +16,19 @@ import websocket
 
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
+from procs import ROOT, Proc, free_port, wait_alive
 
-ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(ROOT / ".venv" / "bin" / "gunicorn")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def env_for(redis_url: str) -> dict[str, str]:
-    """An environment for child processes using `redis_url` (like conftest's env_base, for any scope)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "API_", "REDIS", "HUB_"))}
-    env.update(REDIS_URL=redis_url, HUB_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
-    return env
 
 
 @dataclass
 class Api:
     port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
+    process: Proc
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     @property
     def ws_url(self) -> str:
@@ -70,7 +53,13 @@ class Api:
             conn.close()
 
     def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.process.text()
+
+    def healthy(self) -> bool:
+        try:
+            return self.get_json("/health")[0] == 200
+        except OSError:
+            return False
 
 
 @contextmanager
@@ -79,34 +68,16 @@ def running_api(env_base: dict[str, str], **extra: str) -> Iterator[Api]:
     port = free_port()
     env = {**env_base, "API_PORT": str(port), "API_BIND": "127.0.0.1", "API_SSE_KEEPALIVE_SECONDS": "0.5",
            "API_WS_MAX_MESSAGE_BYTES": "65536", "LOG_LEVEL": "warning", **extra}
-    log = Path(tempfile.mkstemp(prefix="appliance-api-", suffix=".log")[1])
-    with log.open("wb") as out:
-        proc = subprocess.Popen([GUNICORN, "--config", "etc/gunicorn.conf.py", "appliance.api.wsgi:app"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    api = Api(port, proc, log)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if api.get_json("/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"API did not start: {api.log_text()}")
-        time.sleep(0.1)
+    api = Api(port, Proc([GUNICORN, "--config", "etc/gunicorn.conf.py", "appliance.api.wsgi:app"], env, "api"))
     try:
+        try:
+            wait_alive(api.proc, api.healthy, 20, "the API to answer /health")
+        except AssertionError as exc:
+            raise RuntimeError(f"API did not start ({exc}): {api.log_text()}") from None
         yield api
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.unlink(missing_ok=True)
+        api.process.stop(15)
+        api.process.close()
 
 
 def iso_utc(value: Any) -> bool:

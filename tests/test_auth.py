@@ -5,8 +5,6 @@ reach the logs; submits stop at the Redis memory limit with 503 "queue is full".
 from __future__ import annotations
 
 import http.client
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +23,8 @@ from appliance.api.live import create_live
 from appliance.queue import Queue
 from appliance.redis_conn import DirectCalls, connect
 from appliance.settings import ApiKey, ApiSettings, QueueSettings, SettingsError, redact_token
-from conftest import redis_binary
-from live_api import Api, FakeWorker, env_for, recv, recv_until, running_api, send
+from live_api import Api, FakeWorker, recv, recv_until, running_api, send
+from procs import RedisServer, env_for, wait_for
 
 ALICE, BOB, ROOT = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef", "root-key-0123456789abcdef"
 KEYS = f"alice:{ALICE},bob:{BOB},root:{ROOT}:admin"
@@ -242,14 +240,10 @@ def test_submits_stop_at_the_memory_limit(maxmemory: redis.Redis, settings: Queu
 
 
 # -- Redis URLs with passwords and ACL users ------------------------------------------------------------------
-def test_password_and_acl_user_reach_the_script_calls(tmp_path: Path) -> None:
-    port = _free_port()
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "topsecret"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
+def test_password_and_acl_user_reach_the_script_calls() -> None:
+    with RedisServer(appendonly=False, args=("--requirepass", "topsecret"), password="topsecret") as server:
+        port = server.port
         admin = redis.Redis(port=port, password="topsecret", decode_responses=True)
-        _wait(lambda: _pings(admin))
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port).ping()
         admin.acl_setuser("app", enabled=True, passwords=["+app-pass"], keys=["*"], channels=["*"],
@@ -261,29 +255,6 @@ def test_password_and_acl_user_reach_the_script_calls(tmp_path: Path) -> None:
         tls = DirectCalls(connect("rediss://app:app-pass@127.0.0.1:1/3"))._new
         assert tls.func is redis.SSLConnection  # type: ignore[attr-defined]
         assert (tls.keywords["username"], tls.keywords["password"], tls.keywords["db"]) == ("app", "app-pass", 3)  # type: ignore[attr-defined]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(check: Any, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 # -- a real gunicorn: SSE, WebSocket, logs --------------------------------------------------------------------
@@ -406,9 +377,7 @@ def test_keys_never_reach_the_log(keyed_api: Api) -> None:
     assert request(api, "GET", "/api/jobs", X_API_Key=ROOT)[0] == 200
     assert request(api, "GET", "/api/jobs?token=not-a-key-0123456789")[0] == 401
     refused(api, f"/ws/monitor/m2?token={ALICE}")
-    deadline = time.monotonic() + 10
-    while "token=***" not in api.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: "token=***" in api.log_text(), 10, "the access log line")
     log = api.log_text()
     assert "GET /api/jobs?token=*** HTTP/1.1\" 200" in log, log
     for secret in (ALICE, BOB, ROOT, "not-a-key-0123456789"):

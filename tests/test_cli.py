@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import stat
-import time
 import urllib.error
 import urllib.request
 import xmlrpc.client
@@ -33,7 +32,7 @@ from appliance.runtime import (
 from appliance.settings import SettingsError, redact_setting
 from live_api import running_api
 from loadtest.private import PrivateAppliance
-from test_e2e import appliance_cmd
+from procs import appliance_cmd, wait_for
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \[([^]]+)\] ")
 
@@ -99,9 +98,7 @@ def test_redis_password_maxmemory_and_recorded_settings(tmp_path: Path) -> None:
 def test_api_lines_carry_time_level_program_and_access_log(env_base: dict[str, str]) -> None:
     with running_api(env_base, LOG_LEVEL="info", API_ACCESS_LOG="1") as api:
         assert api.get_json("/health")[0] == 200
-        deadline = time.monotonic() + 10
-        while '"GET /health HTTP/1.1" 200' not in api.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: '"GET /health HTTP/1.1" 200' in api.log_text(), 10, "the access log line")
         lines = api.log_text().splitlines()
     booting = [line for line in lines if "Booting worker" in line]
     assert booting and all(LINE.match(line) for line in booting), lines
@@ -189,10 +186,7 @@ def check_running_appliance(app: PrivateAppliance, env: dict[str, str], client: 
     # a program that keeps failing ends FATAL: status exits 1 naming it; start applies the settings again
     conf.write_text(conf.read_text().replace("environment=", 'environment=WORKER_MAX_CONCURRENT_JOBS="0",'))
     assert cli("ctl", "update", "workers")[0] == 0
-    deadline = time.monotonic() + 60
-    while state("workers:worker1") != "FATAL":
-        assert time.monotonic() < deadline, state("workers:worker1")
-        time.sleep(0.2)
+    wait_for(lambda: state("workers:worker1") == "FATAL", 60, "workers:worker1 to end FATAL")
     code, out, _ = cli("status")
     assert code == 1 and "not running: workers:worker1 (FATAL)" in out, out
     code, out, err = cli("start")
@@ -251,10 +245,8 @@ def check_security(app: PrivateAppliance, cli: Any) -> None:
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
     assert KEY in (run / "settings.json").read_text()   # recorded for restarts, in a private file
 
-    deadline = time.monotonic() + 10
     api_log = run / "logs" / "api.log"
-    while "token=***" not in api_log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: "token=***" in api_log.read_text(), 10, "the access log line")
     logs = "".join(p.read_text(errors="replace") for p in run.glob("logs/*.log"))
     assert "token=***" in logs and "API keys required" in logs
     for secret in (KEY, ADMIN, app.redis_password):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +16,8 @@ import psutil
 import pytest
 import redis
 
-from conftest import ROOT, free_port
+from loadtest.private import PrivateAppliance
+from procs import appliance_cmd, wait_for
 
 pytestmark = pytest.mark.slow  # every test shares one appliance, started by `bin/appliance start`
 
@@ -31,11 +30,6 @@ class Appliance:
     redis_port: int
     redis: redis.Redis
     pids: dict[int, float]  # every process of the run (supervisord and its descendants) → create time
-
-
-def appliance_cmd(env: dict[str, str], *argv: str, timeout_s: float = 150) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ROOT / "bin" / "appliance"), *argv], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout_s)
 
 
 def processes_of(run_dir: Path, redis_port: int, api_port: int) -> list[psutil.Process]:
@@ -68,22 +62,12 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
-    run_dir = tmp_path_factory.mktemp("appliance-run")
-    redis_port, api_port = free_port(), free_port()
-    while api_port == redis_port:
-        api_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "API_", "REDIS", "HUB_", "APPLIANCE_"))}
-    env.update({
-        "APPLIANCE_RUN_DIR": str(run_dir), "APPLIANCE_ENV_FILE": str(run_dir / "no-such.env"),
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "API_PORT": str(api_port),
-        "WORKER_SIMULATION_PROCESSING_TIME": "1.0", "WORKER_SIMULATION_STEPS": "2",
-        "WORKER_DRAIN_SECONDS": "5",
-    })
+    private = PrivateAppliance(tmp_path_factory.mktemp("appliance-run"), workers=2, env={
+        "WORKER_SIMULATION_PROCESSING_TIME": "1.0", "WORKER_SIMULATION_STEPS": "2", "WORKER_DRAIN_SECONDS": "5"})
+    run_dir, env, redis_port, api_port = private.run_dir, private.environment(), private.redis_port, private.api_port
     started = appliance_cmd(env, "start")
-    password_file = run_dir / "redis.password"  # the embedded Redis's, made by the first start
-    password = password_file.read_text().strip() if password_file.exists() else None
-    client = redis.Redis(port=redis_port, password=password, decode_responses=True, socket_timeout=5)
-    app = Appliance(run_dir, env, f"http://127.0.0.1:{api_port}", redis_port, client, {})
+    client = redis.Redis.from_url(private.redis_url, decode_responses=True, socket_timeout=5)
+    app = Appliance(run_dir, env, private.url, redis_port, client, {})
     try:
         assert started.returncode == 0, f"start failed:\n{started.stdout}\n{started.stderr}"
         assert f"API at {app.api}" in started.stdout
@@ -99,13 +83,6 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
             proc.kill()
         assert stopped.returncode == 0, f"stop failed:\n{stopped.stdout}\n{stopped.stderr}"
         assert not left, f"processes left after stop: {[(p.pid, p.cmdline()) for p in left]}"
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_multiple_workers_scenario(appliance: Appliance) -> None:

@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, env_for, running_api, sse
+from live_api import Api, FakeWorker, running_api, sse
+from procs import env_for, wait_for
 
 SUBSCRIBERS = 300
 
@@ -71,10 +72,8 @@ def test_hundreds_of_subscribers_few_redis_connections(api: Api, queue: Queue, c
     try:
         first = read_until(socks, b"event: submitted", 20)
         assert all(b"event: submitted" in data for data in first.values())
-        deadline = time.monotonic() + 10
-        while api.get_json("/api/connection-stats")[1]["sse_connections"] < SUBSCRIBERS:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for(lambda: api.get_json("/api/connection-stats")[1]["sse_connections"] >= SUBSCRIBERS, 10,
+                 "every subscriber counted")
         during = api_connections(client)
         worker.claim()
         for percent in range(10, 100, 10):
@@ -99,7 +98,16 @@ def test_slow_client_is_closed_with_reason_and_others_get_everything(api: Api, q
     slow = open_raw_sse(api, job_id, rcvbuf=4096)
     fast = sse(api, job_id)
     fast_frames: list[str] = []
-    reader = threading.Thread(target=lambda: fast_frames.extend(f.event for f in fast.events()))
+    fast_progress = threading.Semaphore(0)   # released for each progress event the fast reader gets
+
+    def read_fast() -> None:
+        while (frame := fast.next()) is not None:
+            if frame.comment is None:
+                fast_frames.append(frame.event)
+                if frame.event == "progress":
+                    fast_progress.release()
+
+    reader = threading.Thread(target=read_fast)
     reader.start()
     try:
         assert b"event: submitted" in read_until([slow], b"event: submitted", 10)[slow]
@@ -108,12 +116,13 @@ def test_slow_client_is_closed_with_reason_and_others_get_everything(api: Api, q
         big = "x" * 30_000
         for step in range(300):     # ~9 MB, more than socket buffers take; 1 event per batch, 5 batches queue
             worker.progress(job_id, step % 100, big, step)
-            time.sleep(0.004)       # paced so that the fast reader keeps up
+            # the fast reader has this event before the next is written, so it never falls behind
+            assert fast_progress.acquire(timeout=10), f"the fast reader did not get progress {step}"
         worker.complete(job_id)
         reader.join(30)
         assert fast_frames[-1] == "completed" and fast_frames.count("progress") == 300
-        time.sleep(0.5)
-        tail = read_until([slow], b"too slow", 20)[slow]
+        # the slow client's response read to its end (the last chunk), so a later `completed` would be in it
+        tail = read_until([slow], b"\r\n0\r\n\r\n", 20)[slow]
         assert b"event: error" in tail and b"client too slow" in tail
         assert b"event: completed" not in tail
     finally:

@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 12): nothing a client sends stops a shared task, every limit is a setting
+"""Hostile and careless input: nothing a client sends stops a shared task, every limit is a setting
 answered clearly, every error is the envelope. In process (falcon.testing, the reader on the private Redis) and
 against a real gunicorn (raw sockets where a client library would refuse to misbehave)."""
 
@@ -29,7 +29,8 @@ from appliance.api.tasks import Tasks, TaskState
 from appliance.jobs import ORJSON_MAX_DEPTH, RENDER_DEPTH, JobSpec, public_job
 from appliance.queue import Queue
 from appliance.settings import ApiKey, ApiSettings, QueueSettings
-from live_api import Api, FakeWorker, env_for, recv, recv_until, running_api, send, sse, ws_connect
+from live_api import Api, FakeWorker, recv, recv_until, running_api, send, sse, ws_connect
+from procs import env_for
 
 
 def nested(levels: int) -> Any:
@@ -41,7 +42,7 @@ def nested(levels: int) -> Any:
 
 
 def deep_payload(levels: int) -> dict[str, Any]:
-    """A payload object nested `levels` deep in all (the issue's `{"x": [[[...]]]}`)."""
+    """A payload object nested `levels` deep in all (`{"x": [[[...]]]}`)."""
     return {"x": nested(levels - 1)}
 
 
@@ -335,7 +336,7 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_deep_jobs_leave_live_progress_running(live: Api, queue: Queue) -> None:
-    """The issue's first probe: jobs nested 251-253 deep, stored and streamed while monitors and streams are
+    """First probe: jobs nested 251-253 deep, stored and streamed while monitors and streams are
     open; the reader goes on, every route answers, and another job's progress still arrives live."""
     monitor_ws = ws_connect(live, "/ws/monitor/m1")
     assert recv(monitor_ws)["type"] == "connected"
@@ -380,7 +381,7 @@ def test_deep_jobs_leave_live_progress_running(live: Api, queue: Queue) -> None:
 
 
 def test_a_burst_of_event_streams_all_get_200(live: Api, queue: Queue) -> None:
-    """The issue's third probe, bounded: 500 streams open at once on a job with 1,000 events."""
+    """Third probe, bounded: 500 streams open at once on a job with 1,000 events."""
     worker = FakeWorker(queue)
     job_id = worker.submit()
     worker.claim()
@@ -558,7 +559,7 @@ def test_a_websocket_submit_too_deep_is_an_error(live: Api, queue: Queue) -> Non
 
 @pytest.mark.slow
 def test_an_idle_monitor_holds_a_bounded_queue(redis_server: str, queue: Queue) -> None:
-    """The issue's second probe: big payloads, a monitor socket that never reads. Broadcasts carry summaries;
+    """Second probe: big payloads, a monitor socket that never reads. Broadcasts carry summaries;
     what waits for the monitor stays within API_CLIENT_QUEUE_BYTES; the monitor is then closed as too slow."""
     limit = 65536
     for _ in range(10):

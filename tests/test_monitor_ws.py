@@ -1,5 +1,5 @@
 """The monitor socket against a real gunicorn: the Next.js monitor's flow and shapes, and the hub-era
-simple monitor's pushed `stats_broadcast` (reference/monitor-clients.md)."""
+simple monitor's pushed `stats_broadcast` (the shapes those monitors read)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, env_for, iso_utc, recv, recv_until, running_api, send, ws_connect
+from live_api import Api, FakeWorker, iso_utc, recv, recv_until, running_api, send, ws_connect
+from procs import env_for
 
 
 @pytest.fixture(scope="module")

@@ -84,17 +84,17 @@ def test_kill_9_mid_job_requeues_it_on_another_worker(env_base: dict[str, str], 
 def test_timeout_stops_the_job_and_frees_the_slot(env_base: dict[str, str], queue: Queue,
                                                   client: redis.Redis) -> None:
     with workers(env_base, "wt", **FAST, WORKER_MAX_CONCURRENT_JOBS="1") as procs:
-        slow = submit(queue, 20000, timeout_seconds=1, max_retries=0)
+        slow = submit(queue, 20000, {"steps": 200}, timeout_seconds=1, max_retries=0)   # a step every 100 ms
         wait_for(lambda: status(queue, slow) == "timeout", 20, "the job to time out")
         job = queue.get(slow) or {}
         assert "timed out" in job["error"]
         assert terminal_events(client, queue, slow) == ["timeout"]
-        after = submit(queue, 100)
+        progress_at_timeout = [f for _, f in client.xrange(queue.keys.progress(slow)) if f["event"] == "progress"]
+        # a second on the freed slot, in the same process: the abandoned run would have written ten steps by then
+        after = submit(queue, 1000)
         wait_for(lambda: status(queue, after) == "completed", 15, "the next job on the freed slot")
-        progress_after = [f for _, f in client.xrange(queue.keys.progress(slow)) if f["event"] == "progress"]
-        time.sleep(1.0)
         assert len([f for _, f in client.xrange(queue.keys.progress(slow)) if f["event"] == "progress"]) \
-            == len(progress_after), "the abandoned run must not write progress after its timeout"
+            == len(progress_at_timeout), "the abandoned run must not write progress after its timeout"
         assert procs["wt"].proc.poll() is None
 
 
@@ -154,12 +154,14 @@ def test_drain_hands_back_what_does_not_finish_in_time(env_base: dict[str, str],
         assert "requeued" in [f["event"] for _, f in client.xrange(queue.keys.progress(job_id))]
 
 
-def test_second_sigterm_hands_back_at_once(env_base: dict[str, str], queue: Queue) -> None:
+def test_second_sigterm_hands_back_at_once(env_base: dict[str, str], queue: Queue, client: redis.Redis) -> None:
     with workers(env_base, "w2", **FAST, WORKER_DRAIN_SECONDS="60") as procs:
-        job_id = submit(queue, 30000)
+        job_id = submit(queue, 30000, {"steps": 300})   # a step every 100 ms
         wait_for(lambda: status(queue, job_id) == "in_progress", what="the job to start")
         procs["w2"].signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_for(lambda: "draining: waiting" in procs["w2"].text(), 10, "the first SIGTERM to start the drain")
+        written = len(stream(client, queue, job_id))
+        wait_for(lambda: len(stream(client, queue, job_id)) > written, 10, "the job's next step, while draining")
         assert procs["w2"].proc.poll() is None, "the first SIGTERM drains"
         procs["w2"].signal(signal.SIGTERM)
         assert procs["w2"].proc.wait(15) == 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, env_for, running_api, sse
+from live_api import Api, FakeWorker, running_api, sse
+from procs import env_for, wait_for, workers
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,9 @@ def test_subscribers_on_several_processes_all_get_every_event(redis_server: str,
         streams = [sse(api2, job_id) for _ in range(12)]
         for stream in streams:
             assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
-        deadline = time.monotonic() + 10
-        while True:
-            status, body = api2.get_json("/api/connection-stats")
-            if body["sse_connections"] == 12 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        wait_for(lambda: api2.get_json("/api/connection-stats")[1]["sse_connections"] == 12, 10,
+                 "twelve SSE connections counted")
+        status, body = api2.get_json("/api/connection-stats")
         assert status == 200 and body["sse_connections"] == 12 and body["total_connections"] >= 12
         worker.claim()
         for percent in range(10, 100, 10):
@@ -160,21 +157,17 @@ def test_subscribers_on_several_processes_all_get_every_event(redis_server: str,
 
 def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Queue,
                                                             redis_server: str) -> None:
-    import subprocess
-    import sys
+    from live_api import recv, send, ws_connect
 
-    from live_api import ROOT, recv, send, ws_connect
-
-    env = {**env_for(redis_server), "WORKER_ID": "sse-worker", "WORKER_SIMULATION_PROCESSING_TIME": "0.3",
-           "WORKER_SIMULATION_STEPS": "3", "WORKER_HEARTBEAT_INTERVAL_MS": "500", "LOG_LEVEL": "warning"}
+    env = {**env_for(redis_server), "WORKER_SIMULATION_PROCESSING_TIME": "0.3", "WORKER_SIMULATION_STEPS": "3",
+           "WORKER_HEARTBEAT_INTERVAL_MS": "500", "LOG_LEVEL": "warning"}
     ws = ws_connect(api, "/ws/client/real")
     recv(ws)
     send(ws, {"type": "submit_job", "job_type": "simulation", "payload": {"steps": 3}})
     job_id = recv(ws)["job_id"]
     stream = sse(api, job_id)
     assert [stream.next().event, stream.next().event] == ["connected", "submitted"]
-    worker = subprocess.Popen([sys.executable, "-m", "appliance.worker_process"], cwd=ROOT, env=env)
-    try:
+    with workers(env, "sse-worker"):
         names = [f.event for f in stream.events()]
         assert names[0] == "assigned" and names[-1] == "completed"
         assert names.count("progress") >= 3
@@ -182,10 +175,7 @@ def test_real_worker_progress_reaches_sse_and_client_socket(api: Api, queue: Que
         while not kinds or kinds[-1] != "complete_job":
             kinds.append(recv(ws)["type"])
         assert kinds[0] == "job_assigned" and "update_job_progress" in kinds
-    finally:
-        worker.terminate()
-        worker.wait(20)
-        ws.close()
+    ws.close()
 
 
 def test_cancelled_pending_job_ends_stream(api: Api, queue: Queue) -> None:

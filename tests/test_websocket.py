@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.queue import Queue
-from live_api import Api, FakeWorker, close_frame, env_for, iso_utc, recv, recv_until, running_api, send, ws_connect
+from live_api import Api, FakeWorker, close_frame, iso_utc, recv, recv_until, running_api, send, ws_connect
+from procs import env_for
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import redis
 import websocket
 
 from appliance.queue import Queue
-from appliance.settings import QueueSettings, WorkerSettings
+from appliance.settings import DEFAULT_LEASE_MS, QueueSettings, WorkerSettings
 from appliance.worker import Worker
-from connectors.simulation import SimulationConnector
-from live_api import Api, FakeWorker, env_for, iso_utc, recv, running_api, send, sse, ws_connect
+from connectors.simulation import SimulationConnector, SimulationSettings
+from live_api import Api, FakeWorker, iso_utc, recv, running_api, send, sse, ws_connect
+from procs import env_for
 
 NUMBERS = frozenset({
     "priority", "progress", "retry_count", "max_retries", "attempt", "current_step", "total_steps",
@@ -85,7 +86,7 @@ def real_worker(client: redis.Redis, settings: QueueSettings, worker_id: str) ->
     """A worker as a worker process registers it (every field of its record), run by hand."""
     worker_settings = WorkerSettings(queue=settings, worker_id=worker_id, services=("simulation",),
                                      connectors=("simulation",))
-    worker = Worker(worker_settings, client, client, {"simulation": SimulationConnector({})})
+    worker = Worker(worker_settings, client, client, {"simulation": SimulationConnector(SimulationSettings())})
     worker.register()
     return worker
 
@@ -215,7 +216,7 @@ def test_every_route_and_message_type_has_typed_fields(api: Api, queue: Queue, c
     assert submitted["job_data"]["workflow_datetime"] == 1700000000001
     [worker] = api.get_json("/api/workers")[1]["workers"]
     assert worker["services"] == ["simulation"] == worker["capabilities"]["services"]
-    assert worker["lease_ms"] == settings.lease_ms and "last_heartbeat_ms" not in worker
+    assert worker["lease_ms"] == DEFAULT_LEASE_MS and "last_heartbeat_ms" not in worker
     legacy_progress = [m for m in legacy_got if m["type"] == "progress" and m["event"] == "progress"]
     assert legacy_progress and legacy_progress[0]["data"]["progress"] == 50
     assert any(m.get("retry_at") for m in client_got if m["type"] == "job_status_changed")
