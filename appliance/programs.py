@@ -86,7 +86,7 @@ def resolve(programs: Iterable[Program], wanted: Iterable[str]) -> tuple[list[Pr
 
 
 def _order(group: str) -> tuple[int, str]:
-    """Start order: redis, api, other groups (a future comfyui), then the workers that use them."""
+    """Start order: redis, api, other groups (comfyui), then the workers that use them; stops go the other way."""
     return {"redis": 0, "api": 1, "workers": 3}.get(group, 2), group
 
 

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from supervisor.xmlrpc import SupervisorTransport
 
 HOME = Path(__file__).resolve().parent.parent
-_CLEARED = ("WORKER_", "API_", "REDIS", "HUB_", "APPLIANCE_", "JOB_", "PROGRESS_", "EVENTS_")
+_CLEARED = ("WORKER_", "API_", "REDIS", "HUB_", "APPLIANCE_", "JOB_", "PROGRESS_", "EVENTS_", "COMFYUI_")
 
 
 def free_port() -> int:
