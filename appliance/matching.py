@@ -40,6 +40,10 @@ KINDS = (*AT_LEAST, *NAMES, "customer_isolation")
 GROUPS = ("positive_requirements", "negative_requirements")
 MAX_KEYS = 64
 MAX_NUMBER = 1_000_000_000
+MAX_NAMES = 256            # names in one `models` / `gpu_model` list, or items in a custom list
+NAME_CHARS = 256           # one name or custom text value
+REASON_CHARS = 512         # an unworkable reason (stored on each job, sent in events, logged)
+REASON_NAMES = 3           # names a reason lists before "and N more"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -118,16 +122,23 @@ def _names(value: Any, name: str) -> list[str]:
     if value == "all":
         return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) and 0 < len(i) <= 256 for i in items):
-        raise ValidationError(name, f"expected a name or a list of names, got {shown(value)}")
+    if isinstance(items, list) and len(items) > MAX_NAMES:
+        raise ValidationError(name, f"at most {MAX_NAMES} names, got {len(items)}")
+    if not isinstance(items, list) or not all(isinstance(i, str) and 0 < len(i) <= NAME_CHARS for i in items):
+        raise ValidationError(name, f"expected a name (at most {NAME_CHARS} characters) or a list of names, got "
+                                    f"{shown(value)}")
     return sorted(set(items))
 
 
 def _custom_value(value: Any, name: str) -> Any:
     scalar = (str, int, float, bool)
-    if isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(i, scalar) for i in value)):
+    items = value if isinstance(value, list) else [value]
+    if len(items) > MAX_NAMES:
+        raise ValidationError(name, f"at most {MAX_NAMES} items, got {len(items)}")
+    if all(isinstance(i, scalar) and not (isinstance(i, str) and len(i) > NAME_CHARS) for i in items):
         return value
-    raise ValidationError(name, f"expected a string, number, boolean or a list of them, got {shown(value)}")
+    raise ValidationError(name, f"expected a string (at most {NAME_CHARS} characters), number, boolean or a list "
+                                f"of them, got {shown(value)}")
 
 
 # -- classes -------------------------------------------------------------------------------------------------
@@ -163,6 +174,18 @@ def class_id(service: str, requirements: dict[str, Any], customer_id: str) -> st
 
 
 # -- matching ------------------------------------------------------------------------------------------------
+def listed(names: list[str]) -> str:
+    """Names as a reason quotes them: the first few, then how many more."""
+    head = ", ".join(shown(name, 40) for name in names[:REASON_NAMES])
+    more = len(names) - REASON_NAMES
+    return f"[{head}{f' and {more} more' if more > 0 else ''}]"
+
+
+def clip_reason(reason: str, limit: int = REASON_CHARS) -> str:
+    """A reason cut to `limit` characters (it is stored on every job of a class, sent and logged)."""
+    return reason if len(reason) <= limit else reason[:limit - 12] + "… (cut)"
+
+
 def mismatch(service: str, requirements: dict[str, Any], customer_id: str, capabilities: dict[str, Any],
              live: dict[str, Any] | None = None) -> str | None:
     """Why a worker with these capabilities cannot serve such a job, or None if it can.
@@ -187,7 +210,7 @@ def mismatch(service: str, requirements: dict[str, Any], customer_id: str, capab
             return reason
     for kind, want in (requirements.get("negative_requirements") or {}).items():
         if _unmet(kind, want, service, capabilities, live) is None:
-            return f"meets negative requirement {kind}={want!r}"
+            return f"meets negative requirement {kind}={shown(want, 120)}"
     return None
 
 
@@ -210,12 +233,12 @@ def _unmet(kind: str, want: Any, service: str, caps: dict[str, Any],
         model = str(hardware.get("gpu_model") or "")
         if any(name.lower() in model.lower() for name in want) and model:
             return None
-        return f"gpu_model {model or '(none)'!r} is not one of {want}"
+        return f"gpu_model {shown(model or '(none)')} is not one of {listed(want)}"
     if kind == "models":
         models = caps.get("models") or {}
         held = set(models.get(service) or []) if isinstance(models, dict) else set(models)
         missing = [m for m in want if m not in held]
-        return f"lacks models {missing}" if missing else None
+        return f"lacks models {listed(missing)}" if missing else None
     if kind == "customer_isolation":
         isolation = (caps.get("customer_access") or {}).get("isolation", "loose")
         return None if isolation == "strict" else f"customer isolation is {isolation!r}, strict asked"
@@ -230,7 +253,7 @@ def _unmet_custom(path: str, want: Any, caps: dict[str, Any]) -> str | None:
         node = node[segment]
     if _custom_ok(want, node):
         return None
-    return f"capability {path}={node!r} does not satisfy {want!r}"
+    return f"capability {path}={shown(node, 120)} does not satisfy {shown(want, 120)}"
 
 
 def _custom_ok(want: Any, have: Any) -> bool:

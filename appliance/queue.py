@@ -14,7 +14,6 @@ from appliance.classes import ClassBook
 from appliance.errors import JobExists
 from appliance.jobs import STATUS_VALUES, JobSpec, JobStatus, public_job, public_worker
 from appliance.keys import Keys
-from appliance.matching import parse_requirements
 from appliance.scripts import OFFERED_WINDOW_MS, Scripts
 from appliance.settings import QueueSettings
 
@@ -36,13 +35,10 @@ class Queue:
         """Store a checked job and put it in line; returns its id.
 
         A job with requirements (or a customer) goes to the claim queue of its requirement class
-        (appliance/matching.py); if no registered worker can serve that class, it is marked unworkable.
-
-        Raises:
-            ValidationError: `requirements.<key>` is unknown or has a value that cannot be matched.
+        (appliance/matching.py), computed from the same canonical requirements the job stores (`JobSpec`
+        holds them so); if no registered worker can serve that class, it is marked unworkable.
         """
-        requirements = parse_requirements(spec.requirements)
-        job_class = self.classes.for_job(spec.service_required, requirements, spec.customer_id)
+        job_class = self.classes.for_job(spec.service_required, spec.requirements, spec.customer_id)
         if spec.submitted_by:
             # before the job exists, so that it is never missing from its key's listings (scored by submit time,
             # for prune_submitted's grace); a submit that then fails leaves a member that listings ignore (it is

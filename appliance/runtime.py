@@ -15,7 +15,7 @@ import shutil
 import socket
 import stat
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +23,6 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import psutil
 import redis
-from supervisor.datatypes import dict_of_key_value_pairs
 
 from appliance.gpu import discover
 from appliance.settings import Env, SettingsError, redact_url
@@ -352,7 +351,7 @@ def worker_programs(env: Mapping[str, str], nvml: ModuleType | None = None) -> W
 # Every variable the appliance reads (appliance/settings.py); `start` and `restart` write them into each
 # program's `environment=`, and supervisord itself runs without them, so that `restart` applies a changed or
 # removed setting (supervisord's own environment is fixed when it starts).
-SETTING_PREFIXES = ("WORKER_", "API_", "JOB_", "PROGRESS_", "EVENTS_", "APPLIANCE_")
+SETTING_PREFIXES = ("WORKER_", "API_", "JOB_", "PROGRESS_", "EVENTS_", "APPLIANCE_", "COMFYUI_")
 SETTING_NAMES = frozenset({"REDIS_URL", "HUB_REDIS_URL", "REDIS_MAXMEMORY", "LOG_LEVEL", "CORS_ORIGINS"})
 SUPERVISORD_NAMES = ("APPLIANCE_RUN_DIR", "APPLIANCE_HOME", "APPLIANCE_VENV")  # fixed for supervisord's life
 NOT_RECORDED = frozenset({"APPLIANCE_ENV_FILE"})  # says where settings come from; not one to keep
@@ -379,23 +378,28 @@ def _quote(name: str, value: str) -> str:
     return quote + value.replace("%", "%%") + quote
 
 
+def command_line(argv: list[str] | tuple[str, ...]) -> str:
+    """`command=` of a program section: shell-quoted (supervisord splits it with shlex), `%` escaped."""
+    return " ".join(shlex.quote(arg) for arg in argv).replace("%", "%%")
+
+
 def environment_line(values: Mapping[str, str]) -> str:
     """`environment=` of a program section (raises SettingsError for a value supervisord cannot carry)."""
     return "environment=" + ",".join(f"{key}={_quote(key, value)}" for key, value in values.items())
 
 
-def changed_settings(old_texts: Iterable[str], new_texts: Iterable[str]) -> list[str]:
-    """The variables whose value differs between two sets of program sections (set, changed or removed)."""
-    def values(texts: Iterable[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for text in texts:
-            for line in text.splitlines():
-                if line.startswith("environment="):
-                    found.update(dict_of_key_value_pairs(line.removeprefix("environment=").replace("%%", "%")))
-        return found
-
-    old, new = values(old_texts), values(new_texts)
+def changed_settings(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """The user's settings whose value differs between two records (RUN/settings.json: set, changed or removed);
+    what the appliance writes per program (WORKER_ID, CUDA_VISIBLE_DEVICES, a ComfyUI's address) is not one."""
+    old = {k: v for k, v in old.items() if is_setting(k) and k not in NOT_RECORDED}
+    new = {k: v for k, v in new.items() if is_setting(k) and k not in NOT_RECORDED}
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def program_section(name: str, options: list[str], log_mb: int = 20) -> list[str]:
+    """The lines of one `[program:NAME]` section: `options`, then its log (RUN/logs/NAME.log, stderr with it)."""
+    return ["", f"[program:{name}]", *options, f"stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/{name}.log",
+            f"stdout_logfile_maxbytes={log_mb}MB", "redirect_stderr=true"]
 
 
 def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Mapping[str, str],
@@ -406,23 +410,16 @@ def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Ma
     lines = ["; written by bin/appliance at start and restart (do not edit; change the settings and run "
              "`bin/appliance restart`)"]
     if redis_command is not None:
-        lines += [
-            "",
-            "[program:redis]",
-            "command=" + " ".join(shlex.quote(arg) for arg in redis_command).replace("%", "%%"),
+        lines += program_section("redis", [
+            "command=" + command_line(redis_command),
             *([environment_line(redis_settings)] if redis_settings else []),
             "autorestart=true",
             "priority=10                      ; first up, last down",
             "startsecs=1",
             "stopsignal=TERM                  ; Redis flushes the AOF and exits",
             "stopwaitsecs=30",
-            "stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/redis.log",
-            "stdout_logfile_maxbytes=10MB",
-            "redirect_stderr=true",
-        ]
-    lines += [
-        "",
-        "[program:api]",
+        ], log_mb=10)
+    lines += program_section("api", [
         "command=%(ENV_APPLIANCE_VENV)s/bin/gunicorn --config %(ENV_APPLIANCE_HOME)s/etc/gunicorn.conf.py "
         "appliance.api.wsgi:app",
         "directory=%(ENV_APPLIANCE_HOME)s",
@@ -434,10 +431,7 @@ def core_conf(redis_command: list[str] | None, api_stopwait_s: int, settings: Ma
         f"stopwaitsecs={api_stopwait_s}                 ; above gunicorn's graceful timeout",
         "stopasgroup=true",
         "killasgroup=true",
-        "stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/api.log",
-        "stdout_logfile_maxbytes=20MB",
-        "redirect_stderr=true",
-    ]
+    ])
     return "\n".join(lines) + "\n"
 
 
@@ -447,9 +441,7 @@ def workers_conf(programs: list[WorkerProgram], stopwait_s: int, settings: Mappi
              "WORKER_* and run `bin/appliance restart workers`)"]
     for program in programs:
         env = environment_line({**(settings or {}), **program.environment})
-        lines += [
-            "",
-            f"[program:{program.name}]",
+        lines += program_section(program.name, [
             "command=%(ENV_APPLIANCE_VENV)s/bin/python -m appliance.worker_process",
             "directory=%(ENV_APPLIANCE_HOME)s",
             env,
@@ -458,12 +450,10 @@ def workers_conf(programs: list[WorkerProgram], stopwait_s: int, settings: Mappi
             "startsecs=1",
             "stopsignal=TERM                 ; drain: finish or hand back running jobs",
             f"stopwaitsecs={stopwait_s}",
-            f"stdout_logfile=%(ENV_APPLIANCE_RUN_DIR)s/logs/{program.name}.log",
-            "stdout_logfile_maxbytes=20MB",
-            "redirect_stderr=true",
-        ]
+        ])
     if programs:
-        lines += ["", "[group:workers]", "programs=" + ",".join(p.name for p in programs)]
+        lines += ["", "[group:workers]", "programs=" + ",".join(p.name for p in programs),
+                  "priority=30                      ; stopped first (they hand back running jobs), started last"]
     return "\n".join(lines) + "\n"
 
 

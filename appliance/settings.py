@@ -1,7 +1,25 @@
-"""Typed, frozen settings parsed once from the environment at each entry point.
+"""Typed, frozen settings parsed once from the environment at each entry point, and handed down.
 
-No other module reads `os.environ`. A bad value raises `SettingsError` whose message names the variable,
-the value and what was expected; entry points print it as one line and exit 2.
+No other module reads `os.environ` or keeps the environment: the entry points (the worker's
+`appliance.worker_process`, the API's `appliance.api.wsgi`, the CLI) parse it into these objects and pass them
+down. A bad value raises `SettingsError` whose message names the variable, the value and what was expected;
+entry points print it as one line and exit 2.
+
+Who parses what:
+
+- `QueueSettings`: what every process that touches the queue needs (Redis, key prefix, stream lengths,
+  retention, log level) and the retry curve (JOB_RETRY_BASE_MS, JOB_RETRY_MAX_MS): the API recovers expired
+  leases too (appliance/api/janitor.py), and a recovered job waits its backoff on the same curve as any retry,
+  so both the API and the workers parse it.
+- `ApiSettings` (API_*, CORS_ORIGINS, API keys) holds a `QueueSettings`; it never reads a WORKER_* variable, so
+  a bad worker setting cannot stop the API.
+- `WorkerSettings` (WORKER_*, CUDA_VISIBLE_DEVICES, supervisord's variables) holds a `QueueSettings`, and the
+  lease (WORKER_LEASE_MS), which only the process that holds jobs uses (each worker records its own lease on
+  its record; recovery reads it from there, see `present` in appliance/lua/_lib.lua).
+- Each connector's own settings (WORKER_<NAME>_*) are a frozen dataclass of the connector's module with a
+  `from_env(env)` classmethod (`SimulationSettings`, `ComfyUISettings`), parsed by
+  `appliance.connector.connector_settings` for the connectors named in WORKER_CONNECTORS, at the worker's entry
+  point and in `bin/appliance start`'s check.
 """
 
 from __future__ import annotations
@@ -17,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_LEASE_MS = 15000
 LOOPBACK = "127.0.0.1"
 API_KEY_MIN_CHARS = 16
 SUBMIT_MEMORY_PERCENT = 90
@@ -174,7 +193,8 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """What every process needs to talk to the queue in Redis."""
+    """What every process needs to talk to the queue in Redis, the retry curve included (the module's
+    docstring says why)."""
 
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     key_prefix: str = ""
@@ -182,7 +202,6 @@ class QueueSettings:
     events_maxlen: int = 10000
     completed_ttl_s: int = 86400
     failed_ttl_s: int = 7 * 86400
-    lease_ms: int = 15000
     retry_base_ms: int = 1000
     retry_max_ms: int = 60000
     log_level: str = "info"
@@ -202,7 +221,6 @@ class QueueSettings:
             events_maxlen=e.int("EVENTS_STREAM_MAXLEN", 10000, 100, 10_000_000),
             completed_ttl_s=e.int("JOB_COMPLETED_TTL_SECONDS", 86400, 1, 10 * 365 * 86400),
             failed_ttl_s=e.int("JOB_FAILED_TTL_SECONDS", 7 * 86400, 1, 10 * 365 * 86400),
-            lease_ms=e.int("WORKER_LEASE_MS", 15000, 1000, 3_600_000),
             retry_base_ms=e.int("JOB_RETRY_BASE_MS", 1000, 0, 3_600_000),
             retry_max_ms=e.int("JOB_RETRY_MAX_MS", 60000, 0, 86_400_000),
             log_level=e.choice("LOG_LEVEL", "info", LOG_LEVELS),
@@ -277,7 +295,7 @@ class ApiSettings:
     bind: str = LOOPBACK             # without keys; 0.0.0.0 with them (API_BIND decides either way)
     processes: int = 1
     worker_connections: int = 10000
-    cors_origins: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = ()   # besides loopback origins (without keys) and the API's own origin
     max_body_bytes: int = 10 * 1024 * 1024
     graceful_timeout_s: int = 10
     sse_keepalive_s: float = 15.0
@@ -286,6 +304,7 @@ class ApiSettings:
     client_queue_bytes: int = 2 * 1024 * 1024
     max_json_depth: int = 64
     max_payload_bytes: int = 4 * 1024 * 1024
+    max_requirements_bytes: int = 64 * 1024
     max_subscriptions: int = 1000
     max_sse_connections: int = 5000
     max_ws_connections: int = 5000
@@ -313,7 +332,8 @@ class ApiSettings:
                     f"allowed: {origins} (CORS_ORIGINS)")
         if self.bind in ("127.0.0.1", "::1", "localhost"):
             return (f"no API keys (API_KEYS, API_KEYS_FILE): the API listens on loopback only ({where}); anyone "
-                    "on this host may use it (API_BIND)")
+                    "on this host may use it (API_BIND), and web pages of loopback origins"
+                    + (f" and {', '.join(self.cors_origins)} (CORS_ORIGINS)" if self.cors_origins else ""))
         return (f"no API keys (API_KEYS, API_KEYS_FILE) and API_BIND={self.bind}: anyone who reaches {where} may "
                 "read, submit and cancel every job; set API_KEYS")
 
@@ -328,8 +348,9 @@ class ApiSettings:
             bind=e.str("API_BIND", "0.0.0.0" if keys else LOOPBACK),
             processes=e.int("API_PROCESSES", 1, 1, 64),
             worker_connections=e.int("API_WORKER_CONNECTIONS", 10000, 10, 1_000_000),
-            # with keys, browsers of other origins are refused unless named (credentials never go with "*")
-            cors_origins=e.list("CORS_ORIGINS", () if keys else ("*",)),
+            # browsers of other origins are refused unless named (without keys, loopback origins are allowed
+            # too); "*" only when set so, and credentials never go with it
+            cors_origins=e.list("CORS_ORIGINS", ()),
             max_body_bytes=e.int("API_MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 1024**3),
             graceful_timeout_s=e.int("API_GRACEFUL_TIMEOUT_SECONDS", 10, 1, 3600),
             sse_keepalive_s=e.float("API_SSE_KEEPALIVE_SECONDS", 15.0, 0.1, 15.0),
@@ -337,6 +358,7 @@ class ApiSettings:
             client_queue_bytes=e.int("API_CLIENT_QUEUE_BYTES", 2 * 1024 * 1024, 4096, 1024**3),
             max_json_depth=e.int("API_MAX_JSON_DEPTH", 64, 2, 200),
             max_payload_bytes=e.int("API_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024, 2, 1024**3),
+            max_requirements_bytes=e.int("API_MAX_REQUIREMENTS_BYTES", 64 * 1024, 64, 16 * 1024 * 1024),
             max_subscriptions=e.int("API_MAX_SUBSCRIPTIONS", 1000, 1, 1_000_000),
             max_sse_connections=e.int("API_MAX_SSE_CONNECTIONS", 5000, 1, 1_000_000),
             max_ws_connections=e.int("API_MAX_WS_CONNECTIONS", 5000, 1, 1_000_000),
@@ -415,11 +437,13 @@ class WorkerSettings:
     max_concurrent_jobs: int = 1
     job_timeout_minutes: float = 30.0
     drain_seconds: int = 30
+    progress_max_per_second: float = 10.0   # progress writes per job (the latest step always goes out)
     hardware: Hardware = Hardware()
     profile: WorkerProfile = WorkerProfile()
     supervisor_url: str = ""          # SUPERVISOR_SERVER_URL, set by supervisord for the programs it runs
     supervisor_process: str = ""      # SUPERVISOR_GROUP_NAME:SUPERVISOR_PROCESS_NAME, this process there
-    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    lease_ms: int = DEFAULT_LEASE_MS  # WORKER_LEASE_MS: the lease of each job this worker holds
+    gpu_device: str = ""              # the GPU it is pinned to: the one device of CUDA_VISIBLE_DEVICES, or ""
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -428,7 +452,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
-        env = dict(os.environ if env is None else env)
+        env = os.environ if env is None else env
         e = Env(env)
         connectors = e.list("WORKER_CONNECTORS", ("simulation",))
         services = e.list("WORKER_SERVICES", connectors)
@@ -446,6 +470,7 @@ class WorkerSettings:
             max_concurrent_jobs=e.int("WORKER_MAX_CONCURRENT_JOBS", 1, 1, 1000),
             job_timeout_minutes=e.float("WORKER_JOB_TIMEOUT_MINUTES", 30.0, 0.001, 7 * 24 * 60),
             drain_seconds=e.int("WORKER_DRAIN_SECONDS", 30, 0, 86400),
+            progress_max_per_second=e.float("WORKER_PROGRESS_MAX_PER_SECOND", 10.0, 0.1, 1000),
             hardware=Hardware(
                 gpu_count=e.int("WORKER_GPU_COUNT", 0, 0, 64),
                 gpu_memory_gb=e.float("WORKER_GPU_MEMORY_GB", 0.0, 0, 100_000),
@@ -456,8 +481,15 @@ class WorkerSettings:
             profile=WorkerProfile.from_env(env),
             supervisor_url=e.str("SUPERVISOR_SERVER_URL", ""),
             supervisor_process=_supervisor_process(e),
-            env=env,
+            lease_ms=e.int("WORKER_LEASE_MS", DEFAULT_LEASE_MS, 1000, 3_600_000),
+            gpu_device=_pinned_gpu(e),
         )
+
+
+def _pinned_gpu(e: Env) -> str:
+    """The GPU a worker is pinned to: the one device in its CUDA_VISIBLE_DEVICES (a UUID or index), or ""."""
+    devices = [d.strip() for d in e.str("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return devices[0] if devices and devices[0] != "-1" else ""
 
 
 def _supervisor_process(e: Env) -> str:

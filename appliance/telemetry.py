@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import psutil
 
 from appliance.gpu import GpuSampler
-from appliance.settings import Env
-
-
-def worker_gpu(env: Mapping[str, str]) -> str:
-    """The GPU a worker is pinned to: the one device in its CUDA_VISIBLE_DEVICES (a UUID or index), or ""."""
-    devices = [d.strip() for d in Env(env).str("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return devices[0] if devices and devices[0] != "-1" else ""
 
 
 class HostSampler:
@@ -32,10 +24,9 @@ class HostSampler:
         psutil.cpu_percent(interval=None)
 
     @classmethod
-    def for_worker(cls, env: Mapping[str, str]) -> HostSampler:
-        """A sampler for a worker process: with its GPU when CUDA_VISIBLE_DEVICES names one."""
-        device = worker_gpu(env)
-        return cls(GpuSampler(device) if device else None)
+    def for_worker(cls, gpu_device: str) -> HostSampler:
+        """A sampler for a worker process: with its GPU when it is pinned to one (`WorkerSettings.gpu_device`)."""
+        return cls(GpuSampler(gpu_device) if gpu_device else None)
 
     @staticmethod
     def ram_total_gb() -> float:

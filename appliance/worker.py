@@ -32,6 +32,7 @@ from appliance.classes import ClaimPlanner, ClassBook
 from appliance.connector import Connector, ConnectorError, JobContext, JobStopped, ServiceUnavailable
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
+from appliance.outputs import OutputStore
 from appliance.retry import is_outage, outage_waits
 from appliance.scripts import Claimed, Completion, Scripts
 from appliance.settings import WorkerSettings
@@ -59,6 +60,9 @@ class Running:
     greenlet: gevent.Greenlet | None = None
     started_ms: int = field(default_factory=clock.now_ms)
     backlog: list[tuple[int, str, int | str, int | str]] = field(default_factory=list)
+    progress_at: float = float("-inf")             # time.monotonic() when progress_tokens was counted
+    progress_tokens: float = 0.0                   # progress writes it may make now (a token bucket)
+    flush_later: gevent.Greenlet | None = None     # writes a step held back by WORKER_PROGRESS_MAX_PER_SECOND
 
 
 class Worker:
@@ -71,14 +75,15 @@ class Worker:
         self.client = client
         self.listener_client = listener_client
         self.keys = Keys(settings.queue.key_prefix)
-        self.scripts = Scripts(client, self.keys, settings.queue)
+        self.scripts = Scripts(client, self.keys, settings.queue, lease_ms=settings.lease_ms)
+        self.outputs = OutputStore(client, self.keys, settings.queue.completed_ttl_s)  # connectors' files
         self.connectors = connectors
         self.by_service: dict[str, Connector] = {}
         for connector in connectors.values():
             for service in connector.services:
                 self.by_service.setdefault(service, connector)
         self.services = tuple(s for s in settings.services if s in self.by_service)
-        self.sampler = sampler or HostSampler.for_worker(settings.env)
+        self.sampler = sampler or HostSampler.for_worker(settings.gpu_device)
         self.profile = settings.profile  # customer access, custom capabilities
         self.planner = ClaimPlanner(ClassBook(client, self.keys, self.scripts))
         self.running: dict[str, Running] = {}
@@ -97,7 +102,7 @@ class Worker:
         self._fatal: BaseException | None = None
         # outages are retried often enough that a holder renews its leases within a sixth of a lease of Redis's
         # return (see present in appliance/lua/_lib.lua)
-        self._outage_cap_s = min(2.0, settings.queue.lease_ms / 6000)
+        self._outage_cap_s = min(2.0, settings.lease_ms / 6000)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
@@ -130,7 +135,7 @@ class Worker:
             "services": ",".join(self.services),
             "connectors": ",".join(self.connectors),
             "max_concurrent_jobs": str(self.settings.max_concurrent_jobs),
-            "lease_ms": str(self.settings.queue.lease_ms),  # the lease of a job handed to it at submit
+            "lease_ms": str(self.settings.lease_ms),  # the lease of a job handed to it at submit
             "pid": str(os.getpid()),
             "hostname": socket.gethostname(),
             "version": __version__,
@@ -273,7 +278,7 @@ class Worker:
         claimed = 0
         for _ in range(2):  # once more at once if the claim reports a new requirement class
             wakes = self._wakes
-            result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.queue.lease_ms, now_ms,
+            result = self.scripts.claim(self.id, self.claim_queues(), slots, self.settings.lease_ms, now_ms,
                                         self.services)
             self._backlog = len(result.jobs) == slots or self._wakes != wakes
             self._next_due_ms = result.next_due_ms
@@ -309,7 +314,7 @@ class Worker:
         fields = claimed.fields
         context = JobContext(fields, _json_object(fields.get("payload")), _json_object(fields.get("requirements")),
                              lambda pct, msg, step, total: self._report(claimed, pct, msg, step, total),
-                             lambda fields, event: self._annotate(claimed, fields, event))
+                             lambda fields, event: self._annotate(claimed, fields, event), self.outputs)
         job = Running(claimed, context)
         old = self.running.get(claimed.id)
         if old is not None:  # it lost the job (lease expired) and claimed it again: the old attempt is void
@@ -364,6 +369,8 @@ class Worker:
                 orjson.dumps(outcome.value)
             except TypeError as exc:
                 finished, error = False, ConnectorError(f"result is not JSON-serialisable: {exc}", retryable=False)
+        if job.flush_later is not None:
+            job.flush_later.kill()
         if reason != "lost":
             self._flush_progress(job, persist=True)
             reason = context.stop_reason
@@ -459,7 +466,34 @@ class Worker:
             return
         job.backlog.append((percent, message, step, total))
         del job.backlog[:-BACKLOG_MAX]
+        # at most WORKER_PROGRESS_MAX_PER_SECOND writes per job (a second's worth at once): a step that comes
+        # sooner replaces the one held back and goes out when a write is due (or at the job's end), so the
+        # latest step always arrives
+        wait_s = self._progress_wait_s(job)
+        if wait_s > 0:
+            del job.backlog[:-1]
+            if job.flush_later is None or job.flush_later.dead:
+                job.flush_later = gevent.spawn_later(wait_s, self._flush_held, job)
+            return
         self._flush_progress(job, persist=False)
+
+    def _progress_wait_s(self, job: Running) -> float:
+        """0 and a write taken from the job's bucket, or the seconds until one is due."""
+        rate = self.settings.progress_max_per_second
+        now = time.monotonic()
+        burst = max(1.0, rate)
+        job.progress_tokens = min(burst, job.progress_tokens + (now - job.progress_at) * rate)
+        job.progress_at = now
+        if job.progress_tokens >= 1:
+            job.progress_tokens -= 1
+            return 0.0
+        return (1 - job.progress_tokens) / rate
+
+    def _flush_held(self, job: Running) -> None:
+        if self.running.get(job.claimed.id) is job and job.backlog:
+            if self._progress_wait_s(job) > 0:
+                job.progress_tokens -= 1      # due by now all but rounding: take the write all the same
+            self._flush_progress(job, persist=False)
 
     def _flush_progress(self, job: Running, *, persist: bool) -> None:
         """Write the held progress steps in order. With `persist` (the job's end), wait out an outage; without,
@@ -520,7 +554,7 @@ class Worker:
             "services_health": self.services_health(),
         }
         running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
-        beat = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.queue.lease_ms,
+        beat = self.scripts.heartbeat_worker(self.id, self.settings.heartbeat_ttl_s, self.settings.lease_ms,
                                              fields, running, offers, now_ms)
         if beat is None:
             log.warning("worker record missing (Redis restarted or flushed?): registering again")
@@ -540,7 +574,7 @@ class Worker:
                         ",".join(recovery.dead_workers) or "none")
 
     def beat_interval_s(self) -> float:
-        return min(self.settings.heartbeat_interval_ms, self.settings.queue.lease_ms / 3) / 1000
+        return min(self.settings.heartbeat_interval_ms, self.settings.lease_ms / 3) / 1000
 
     def _heartbeat_loop(self) -> None:
         """Beat every interval; while Redis is away, try again at short intervals (outage_waits), so that the

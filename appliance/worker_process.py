@@ -5,6 +5,9 @@ is remembered, and the worker then exits without registering. supervisord may al
 process exists as Python (between its fork and exec, where the signal is lost): the worker asks supervisord
 whether it is being stopped before it registers.
 
+The environment is read once, here: the worker's settings (`WorkerSettings`) and those of each connector named
+in WORKER_CONNECTORS (`appliance.connector.connector_settings`) are parsed before anything starts and handed down.
+
 Exit status: 0 after a clean stop, 1 after an error that is not a Redis outage (logged), 2 for a bad setting
 (one line naming it).
 """
@@ -20,11 +23,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging
+import os
 import sys
 import xmlrpc.client
 from typing import Any
 
-from appliance.connector import load_connectors
+from appliance.connector import connector_settings, load_connectors
 from appliance.logs import setup_logging
 from appliance.redis_conn import connect
 from appliance.settings import SettingsError, WorkerSettings
@@ -56,9 +60,10 @@ def stop_requested(settings: WorkerSettings) -> bool:
 
 
 def main() -> int:
+    env = dict(os.environ)  # read here only: everything below gets parsed settings
     try:
-        settings = WorkerSettings.from_env()
-        connectors = load_connectors(settings.connectors, settings.env)
+        settings = WorkerSettings.from_env(env)
+        connectors = load_connectors(connector_settings(settings.connectors, env))
     except SettingsError as exc:
         print(f"worker: bad setting: {exc}", file=sys.stderr)
         return 2

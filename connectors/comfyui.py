@@ -1,6 +1,6 @@
 """The ComfyUI connector: runs a job's API-format workflow on the worker's ComfyUI and follows it to the end.
 
-Protocol facts: ../shared/reference/comfyui-protocol.md. The payload is checked at submit
+Protocol: ComfyUI's HTTP and WebSocket API (tests/comfyui_double.py plays it). The payload is checked at submit
 (connectors/comfyui_payload.py). A run: an earlier attempt's prompt still in this ComfyUI (the job's
 `comfyui_prompt_id`, from a worker that died) is interrupted or dequeued first; the payload's `images` are
 uploaded (`/upload/image`) and the workflow's references to them pointed at the upload; the new prompt's id
@@ -19,14 +19,12 @@ retry counted). Health (`/system_stats`, `/prompt` for the queue length, checked
 often while down) decides whether the worker offers the `comfyui` service and is shown in the worker's record
 (`health_info`); the models come from `/models` and `/models/{folder}`.
 
-Settings: WORKER_COMFYUI_HOST (localhost), _PORT (8188), _USERNAME/_PASSWORD (HTTP basic auth),
-_TIMEOUT_SECONDS (each HTTP call, 60), _CONNECT_TIMEOUT_SECONDS (10), _WORKFLOW_TIMEOUT_SECONDS (600),
-_HEALTH_INTERVAL_SECONDS (10), _MAX_OUTPUT_MB (100, all files of one job).
+Settings: `ComfyUISettings` (connectors/comfyui_settings.py), parsed at the worker's entry point. Output files and
+previews are stored through the job's context (`JobContext.store_output`, `store_preview`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import logging
@@ -34,7 +32,7 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
@@ -44,14 +42,12 @@ import websocket
 from appliance import clock
 from appliance.connector import Connector, ConnectorError, JobContext, JobStopped, ServiceUnavailable
 from appliance.errors import ValidationError
-from appliance.keys import Keys
-from appliance.outputs import OutputStore, safe_name
-from appliance.redis_conn import connect
-from appliance.settings import Env, QueueSettings
+from appliance.outputs import safe_name
 from connectors import comfyui_payload
 from connectors.comfyui_follow import Follow, close_socket, loads_object
 from connectors.comfyui_http import Http, refused
 from connectors.comfyui_outputs import collect_result
+from connectors.comfyui_settings import ComfyUISettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,26 +61,21 @@ SKIPPED_MODEL_FOLDERS = {"custom_nodes", "configs"}
 class ComfyUIConnector(Connector):
     name = "comfyui"
 
-    def __init__(self, env: Mapping[str, str]):
-        super().__init__(env)
-        e = Env(env)
-        host, port = e.str("WORKER_COMFYUI_HOST", "localhost"), e.int("WORKER_COMFYUI_PORT", 8188, 1, 65535)
-        user, password = e.str("WORKER_COMFYUI_USERNAME", ""), e.str("WORKER_COMFYUI_PASSWORD", "")
-        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else ""
-        self.timeout_s = e.float("WORKER_COMFYUI_TIMEOUT_SECONDS", 60, 0.1, 3600)
-        self.connect_timeout_s = e.float("WORKER_COMFYUI_CONNECT_TIMEOUT_SECONDS", 10, 0.1, 600)
-        self.workflow_timeout_s = e.float("WORKER_COMFYUI_WORKFLOW_TIMEOUT_SECONDS", 600, 0.1, 7 * 86400)
-        self.health_interval_s = e.float("WORKER_COMFYUI_HEALTH_INTERVAL_SECONDS", 10, 0.05, 3600)
-        self.max_output_bytes = int(e.float("WORKER_COMFYUI_MAX_OUTPUT_MB", 100, 0, 100_000) * 1024**2)
-        self.http = Http(f"http://{host}:{port}", auth, self.timeout_s)
-        self.ws_url = f"ws://{host}:{port}/ws"
+    settings_type = ComfyUISettings
+
+    def __init__(self, settings: ComfyUISettings):
+        self.settings = settings
+        self.timeout_s = settings.timeout_s
+        self.connect_timeout_s = settings.connect_timeout_s
+        self.workflow_timeout_s = settings.workflow_timeout_s
+        self.health_interval_s = settings.health_interval_s
+        self.max_output_bytes = settings.max_output_bytes
+        self.http = Http(settings.url, settings.auth_header, self.timeout_s)
+        self.ws_url = settings.ws_url
         # a loopback address names a different ComfyUI on each host: the job records the host too
         self.hostname = socket.gethostname()
-        self.local = host == "localhost" or _loopback(host)
-        self.client_id = f"appliance-{e.str('WORKER_ID', 'worker')}-{uuid.uuid4().hex[:8]}"
-        queue = QueueSettings.from_env(env, "HUB_REDIS_URL", "REDIS_URL")
-        self.outputs = OutputStore(connect(queue.redis_url, max_connections=4), Keys(queue.key_prefix),
-                                   queue.completed_ttl_s)
+        self.local = settings.host == "localhost" or _loopback(settings.host)
+        self.client_id = f"appliance-{settings.worker_id}-{uuid.uuid4().hex[:8]}"
         self.prompts: dict[str, str] = {}  # job id → its prompt id in ComfyUI
         self._stopping: set[str] = set()  # prompt ids being stopped (once, by whoever asks first)
         self._healthy = False

@@ -20,7 +20,6 @@ import orjson
 import websocket
 
 from appliance.connector import ConnectorError, JobContext, JobStopped
-from appliance.outputs import preview_url
 from connectors.comfyui_http import refused
 
 if TYPE_CHECKING:
@@ -155,11 +154,11 @@ class Follow:
         image, content_type, node = self.preview
         self.preview, self.preview_at = None, time.monotonic()
         try:
-            self.c.outputs.put_preview(self.job.id, image, content_type, node)
+            url = self.job.store_preview(image, content_type, node)
         except Exception as exc:  # a preview is not worth failing the job (Redis away, say)
             log.warning("preview of job %s not stored: %s", self.job.id, exc)
             return
-        self.job.annotate({"comfyui_preview": preview_url(self.job.id)}, event="preview")
+        self.job.annotate({"comfyui_preview": url}, event="preview")
 
     # -- a quiet or dropped socket ---------------------------------------------------------------------
     def _check_still_queued(self) -> None:

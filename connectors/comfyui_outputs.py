@@ -41,7 +41,8 @@ def collect_result(c: ComfyUIConnector, job: JobContext, prompt_id: str, follow:
                                "subfolder": item.get("subfolder", ""), "type": item.get("type", "output"),
                                "content_type": content_type, "size": len(data),
                                "url": output_url(job.id, name)})
-    c.outputs.put(job.id, files)
+    for file in files:  # stored once all are fetched: a job over WORKER_COMFYUI_MAX_OUTPUT_MB stores none
+        job.store_output(file.name, file.data, file.content_type, file.node)
     job.progress(100, "ComfyUI workflow finished", len(follow.done), len(follow.workflow))
     status = ((entry or {}).get("status") or {}).get("status_str", "success")
     return {"prompt_id": prompt_id, "status": status,

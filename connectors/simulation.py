@@ -1,11 +1,11 @@
 """The simulation connector: pretends to run a GPU job in steps, reporting progress at each one.
 
-Settings (the original's): WORKER_SIMULATION_PROCESSING_TIME (seconds, default 5),
+Settings (the original's, in `SimulationSettings`): WORKER_SIMULATION_PROCESSING_TIME (seconds, default 5),
 WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, default 0); for resilience drills,
 WORKER_SIMULATION_ALLOW_KILL (default false).
 Per-job overrides in the payload, checked at submit (`check_payload`): `duration` (ms, as the guide's curl
 sends) or `simulation_time` (seconds, as the monitor sends), each above 0 and at most a day; `steps` (1 to
-100000); `fail` (true: every attempt fails; false; an integer n >= 0: the first n attempts fail);
+10000: each is a progress event); `fail` (true: every attempt fails; false; an integer n >= 0: the first n attempts fail);
 `fail_retryable` (false: the failure is final); `kill_worker` (true: each attempt SIGKILLs its worker process
 after its first progress step, as a job that crashes its worker would; only on workers with
 WORKER_SIMULATION_ALLOW_KILL, elsewhere the job fails at once).
@@ -18,6 +18,7 @@ import random
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.connector import Connector, ConnectorError, JobContext, payload_number
@@ -25,19 +26,35 @@ from appliance.errors import ValidationError
 from appliance.settings import Env
 
 MODELS = ["simulation-model-v1", "simulation-model-v2", "test-model"]
-MAX_DURATION_S, MAX_STEPS = 86400, 100_000
+MAX_DURATION_S, MAX_STEPS = 86400, 10_000   # steps: each is a progress event for every follower
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """WORKER_SIMULATION_*: a job's default run time and steps, a random failure rate, and kill drills."""
+
+    processing_time_s: float = 5.0
+    steps: int = 10
+    failure_rate: float = 0.0
+    allow_kill: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SimulationSettings:
+        e = Env(env)
+        return cls(
+            processing_time_s=e.float("WORKER_SIMULATION_PROCESSING_TIME", 5.0, 0, 86400),
+            steps=e.int("WORKER_SIMULATION_STEPS", 10, 0, MAX_STEPS),
+            failure_rate=e.float("WORKER_SIMULATION_FAILURE_RATE", 0.0, 0, 1),
+            allow_kill=e.bool("WORKER_SIMULATION_ALLOW_KILL", False),
+        )
 
 
 class SimulationConnector(Connector):
     name = "simulation"
+    settings_type = SimulationSettings
 
-    def __init__(self, env: Mapping[str, str]):
-        super().__init__(env)
-        e = Env(env)
-        self.processing_time_s = e.float("WORKER_SIMULATION_PROCESSING_TIME", 5.0, 0, 86400)
-        self.steps = e.int("WORKER_SIMULATION_STEPS", 10, 0, 100_000)
-        self.failure_rate = e.float("WORKER_SIMULATION_FAILURE_RATE", 0.0, 0, 1)
-        self.allow_kill = e.bool("WORKER_SIMULATION_ALLOW_KILL", False)
+    def __init__(self, settings: SimulationSettings):
+        self.settings = settings
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
@@ -74,12 +91,12 @@ class SimulationConnector(Connector):
         return list(MODELS)
 
     def _plan(self, payload: dict[str, Any]) -> tuple[float, int]:
-        duration_s = self.processing_time_s
+        duration_s = self.settings.processing_time_s
         if _number(payload.get("duration")) is not None:
             duration_s = float(payload["duration"]) / 1000
         elif _number(payload.get("simulation_time")) is not None:
             duration_s = float(payload["simulation_time"])
-        steps = self.steps
+        steps = self.settings.steps
         if _number(payload.get("steps")) is not None:
             steps = int(payload["steps"])
         return max(0.0, min(duration_s, float(MAX_DURATION_S))), max(0, min(steps, MAX_STEPS))
@@ -90,7 +107,7 @@ class SimulationConnector(Connector):
         started = time.monotonic()
         job.progress(0, "Starting simulation", 0, steps)
         if job.payload.get("kill_worker") is True:
-            if not self.allow_kill:
+            if not self.settings.allow_kill:
                 raise ConnectorError("payload.kill_worker: this worker does not allow it "
                                      "(WORKER_SIMULATION_ALLOW_KILL)", retryable=False)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -120,7 +137,7 @@ class SimulationConnector(Connector):
         fail_at = _number(fail)
         if fail is True or (fail_at is not None and attempt <= int(fail_at)):
             raise ConnectorError(f"Simulated failure on attempt {attempt}", retryable=retryable)
-        if self.failure_rate and random.random() < self.failure_rate:
+        if self.settings.failure_rate and random.random() < self.settings.failure_rate:
             raise ConnectorError("Simulated random failure (WORKER_SIMULATION_FAILURE_RATE)")
 
 

@@ -44,7 +44,7 @@ def test_keys_from_both_variables_and_defaults_that_follow_them(tmp_path: Path) 
     assert ALICE not in repr(settings) and "c" * 20 not in repr(settings)
     assert "3 keys (1 admin)" in settings.access_note()
     open_settings = ApiSettings.from_env({})
-    assert open_settings.bind == "127.0.0.1" and open_settings.cors_origins == ("*",)
+    assert open_settings.bind == "127.0.0.1" and open_settings.cors_origins == ()
     assert "no API keys" in open_settings.access_note() and "loopback" in open_settings.access_note()
     assert "anyone who reaches" in ApiSettings.from_env({"API_BIND": "0.0.0.0"}).access_note()
     assert ApiSettings.from_env({"API_KEYS": KEYS, "API_BIND": "127.0.0.1",
@@ -190,7 +190,10 @@ def test_cors_follows_cors_origins(client: redis.Redis, settings: QueueSettings)
     result = api.simulate_options("/api/jobs/x", headers=preflight)
     assert "Access-Control-Allow-Origin" not in result.headers
     got = api.simulate_get("/api/jobs", headers={**bearer(ALICE), "Origin": "https://evil.example"})
-    assert got.status_code == 200 and "Access-Control-Allow-Origin" not in got.headers
+    assert got.status_code == 403 and "Access-Control-Allow-Origin" not in got.headers
+    assert "CORS_ORIGINS" in got.json["error"]
+    assert api.simulate_get("/api/jobs", headers={**bearer(ALICE), "Origin": "http://localhost:3000"}
+                            ).status_code == 403     # with keys, loopback pages are not special
 
     api = keyed_app(client, settings, CORS_ORIGINS="https://ok.example")
     assert "Access-Control-Allow-Origin" not in api.simulate_options("/api/jobs/x", headers=preflight).headers
@@ -201,6 +204,43 @@ def test_cors_follows_cors_origins(client: redis.Redis, settings: QueueSettings)
     assert "Access-Control-Allow-Credentials" not in allowed.headers
     refused = api.simulate_get("/api/jobs", headers={"Origin": "https://ok.example"})
     assert refused.status_code == 401 and refused.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+
+
+def open_app(client: redis.Redis, settings: QueueSettings, **env: str) -> falcon.testing.TestClient:
+    api_settings = ApiSettings.from_env({"REDIS_URL": settings.redis_url, **env})
+    return falcon.testing.TestClient(create_app(api_settings, Queue(client, api_settings.queue)))
+
+
+def test_without_keys_only_loopback_pages_may_call(client: redis.Redis, settings: QueueSettings) -> None:
+    """Keyless (loopback) API: a page of another site cannot drive it, even with a request browsers send without
+    a preflight (text/plain); local monitor pages still can."""
+    api = open_app(client, settings)
+    job = b'{"service_required": "simulation"}'
+    evil = api.simulate_post("/api/jobs", body=job, headers={"Origin": "http://evil.example",
+                                                            "Content-Type": "text/plain"})
+    assert evil.status_code == 403 and "Access-Control-Allow-Origin" not in evil.headers
+    assert client.dbsize() == 0 or not client.keys("*job:*")
+    for origin in ("http://localhost:3000", "http://127.0.0.1:8080", "https://[::1]", "http://localhost"):
+        local = api.simulate_post("/api/jobs", body=job, headers={"Origin": origin,
+                                                                 "Content-Type": "application/json"})
+        assert local.status_code == 201 and local.headers["Access-Control-Allow-Origin"] == origin, origin
+    for origin in ("http://localhost.evil.example", "null", "http://127.0.0.2"):
+        assert api.simulate_get("/api/jobs", headers={"Origin": origin}).status_code == 403, origin
+    star = open_app(client, settings, CORS_ORIGINS="*")
+    assert star.simulate_get("/api/jobs", headers={"Origin": "http://a.example"}
+                             ).headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_bodies_must_be_json(client: redis.Redis, settings: QueueSettings) -> None:
+    api = open_app(client, settings)
+    job = b'{"service_required": "simulation"}'
+    for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        refused = api.simulate_post("/api/jobs", body=job, headers={"Content-Type": media})
+        assert refused.status_code == 415 and refused.json["success"] is False, media
+        assert "application/json" in refused.json["error"]
+    assert api.simulate_post("/api/jobs", body=job, headers={"Content-Type": "application/json; charset=utf-8"}
+                             ).status_code == 201
+    assert api.simulate_post("/api/jobs", body=job).status_code == 201      # no Content-Type at all
 
 
 # -- Redis memory: the submit limit ---------------------------------------------------------------------------
@@ -297,6 +337,7 @@ def test_websocket_handshakes_need_keys_and_allowed_origins(keyed_api: Api) -> N
         assert refused(api, f"{path}?token={ALICE[:-1]}") == 401, path
     assert refused(api, "/ws/monitor/m1", Authorization=f"Bearer {ALICE}") == 403   # plain key: no monitor
     assert refused(api, f"/ws/client/c1?token={ROOT}", origin="https://evil.example") == 403
+    assert refused(api, f"/ws/client/c1?token={ROOT}", origin="http://localhost:3000") == 403   # keys: not special
     ws = handshake(api, f"/ws/client/c1?token={ALICE}", origin="https://ok.example")
     assert recv(ws)["type"] == "connected"
     ws.close()

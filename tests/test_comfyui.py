@@ -24,11 +24,13 @@ from appliance.api.app import create_app
 from appliance.connector import ConnectorError, JobContext, JobStopped
 from appliance.jobs import JobSpec
 from appliance.keys import Keys
+from appliance.outputs import OutputStore
 from appliance.queue import Queue
 from appliance.settings import ApiSettings, QueueSettings, WorkerSettings
 from appliance.worker import Worker
 from comfyui_double import PNG, ComfyDouble, preview_image
 from connectors.comfyui import ComfyUIConnector
+from connectors.comfyui_settings import ComfyUISettings
 from procs import wait_alive, worker_process, workers
 
 
@@ -52,18 +54,33 @@ def connector_env(double: ComfyDouble, redis_url: str, **extra: str) -> dict[str
             "HUB_REDIS_URL": redis_url, "WORKER_ID": "w-comfy", **extra}
 
 
+def connector(double: ComfyDouble, redis_url: str, **extra: str) -> ComfyUIConnector:
+    """The connector as a worker's entry point makes it: from its parsed settings."""
+    return ComfyUIConnector(ComfyUISettings.from_env(connector_env(double, redis_url, **extra)))
+
+
 @pytest.fixture()
 def comfy(double: ComfyDouble, redis_server: str, client: redis.Redis) -> ComfyUIConnector:
-    return ComfyUIConnector(connector_env(double, redis_server))
+    return connector(double, redis_server)
+
+
+@pytest.fixture(autouse=True)
+def outputs(client: redis.Redis, settings: QueueSettings) -> Iterator[OutputStore]:
+    """Where each test's job contexts store files, as a worker's do (the API serves them from there)."""
+    Job.outputs = OutputStore(client, Keys(settings.key_prefix), settings.completed_ttl_s)
+    yield Job.outputs
+    Job.outputs = None
 
 
 class Job:
     """A job attempt as the connector sees it, recording progress reports."""
 
+    outputs: OutputStore | None = None
+
     def __init__(self, payload: dict[str, Any], job_id: str = "job-1"):
         self.reports: list[tuple[int, str, Any, Any]] = []
         self.context = JobContext({"id": job_id, "attempt": "1", "service_required": "comfyui"}, payload, {},
-                                  lambda p, m, s, t: self.reports.append((p, m, s, t)))
+                                  lambda p, m, s, t: self.reports.append((p, m, s, t)), outputs=self.outputs)
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -294,7 +311,7 @@ def test_binary_previews_are_ignored(comfy: ComfyUIConnector) -> None:
 
 
 def test_workflow_timeout_interrupts_and_fails(double: ComfyDouble, redis_server: str, client: redis.Redis) -> None:
-    comfy = ComfyUIConnector(connector_env(double, redis_server, WORKER_COMFYUI_WORKFLOW_TIMEOUT_SECONDS="0.3"))
+    comfy = connector(double, redis_server, WORKER_COMFYUI_WORKFLOW_TIMEOUT_SECONDS="0.3")
     with pytest.raises(ConnectorError, match="did not finish within 0.3s") as err:
         comfy.run(Job({"workflow": workflow(steps=100, step_s=0.02)}).context)
     assert err.value.retryable is True
@@ -381,9 +398,9 @@ def test_a_graph_comfyui_cannot_read_is_not_retried(comfy: ComfyUIConnector, dou
 def test_basic_auth(redis_server: str, client: redis.Redis) -> None:
     server = ComfyDouble(auth=("user", "s3cret")).start()
     try:
-        assert ComfyUIConnector(connector_env(server, redis_server)).check_health() is False
-        comfy = ComfyUIConnector(connector_env(server, redis_server, WORKER_COMFYUI_USERNAME="user",
-                                               WORKER_COMFYUI_PASSWORD="s3cret"))
+        assert connector(server, redis_server).check_health() is False
+        comfy = connector(server, redis_server, WORKER_COMFYUI_USERNAME="user",
+                          WORKER_COMFYUI_PASSWORD="s3cret")
         assert comfy.check_health() is True
         assert comfy.run(Job({"workflow": workflow(steps=1)}).context)["status"] == "success"
     finally:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,9 +20,10 @@ from appliance.gpu import GpuSampler, discover
 from appliance.jobs import JobSpec
 from appliance.queue import Queue
 from appliance.runtime import worker_programs, workers_conf
-from appliance.telemetry import HostSampler, worker_gpu
-from conftest import ROOT, free_port
-from procs import wait_alive, worker_process
+from appliance.settings import WorkerSettings
+from appliance.telemetry import HostSampler
+from loadtest.private import PrivateAppliance
+from procs import ROOT, appliance_cmd, wait_alive, wait_for, worker_process
 
 STANDIN_DIR = ROOT / "tests" / "nvml_standin"
 
@@ -127,8 +127,11 @@ def test_sampling_is_rate_limited_and_follows_changes(nvml: Any) -> None:
 
 
 def test_host_sampler_adds_its_gpu(nvml: Any) -> None:
-    assert worker_gpu({"CUDA_VISIBLE_DEVICES": "GPU-abc"}) == "GPU-abc"
-    assert worker_gpu({"CUDA_VISIBLE_DEVICES": ""}) == "" and worker_gpu({}) == ""
+    def pinned(env: dict[str, str]) -> str:
+        return WorkerSettings.from_env(env).gpu_device
+
+    assert pinned({"CUDA_VISIBLE_DEVICES": "GPU-abc"}) == "GPU-abc"
+    assert pinned({"CUDA_VISIBLE_DEVICES": ""}) == "" and pinned({}) == ""
     sampler = HostSampler(GpuSampler(TWO["gpus"][0]["uuid"], nvml.use(TWO)))
     figures = sampler.sample()
     assert sampler.latest is figures
@@ -216,37 +219,34 @@ def test_gpu_worker_heartbeats_its_own_gpu_and_serves_gpu_jobs(env_base: dict[st
 
 @pytest.mark.slow
 def test_status_shows_which_worker_owns_which_gpu(env_base: dict[str, str], tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    redis_port, api_port = free_port(), free_port()
-    env = {k: v for k, v in standin_env(env_base, TWO, tmp_path / "gpus.json").items()
-           if not k.startswith(("REDIS", "HUB_"))}
-    env.update({"APPLIANCE_RUN_DIR": str(run_dir), "APPLIANCE_ENV_FILE": str(run_dir / "none.env"),
-                "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "API_PORT": str(api_port),
-                "WORKER_CONNECTORS": "noop", "WORKER_HEARTBEAT_INTERVAL_MS": "300", "WORKER_DRAIN_SECONDS": "2"})
+    standin = standin_env(env_base, TWO, tmp_path / "gpus.json")
+    app = PrivateAppliance(tmp_path / "run", quiet=True, env={
+        "APPLIANCE_NVML_STANDIN": standin["APPLIANCE_NVML_STANDIN"], "PYTHONPATH": standin["PYTHONPATH"],
+        "WORKER_CONNECTORS": "noop", "WORKER_HEARTBEAT_INTERVAL_MS": "300", "WORKER_DRAIN_SECONDS": "2"})
+    env, run_dir = app.environment(), app.run_dir
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(ROOT / "bin" / "appliance"), *argv], env=env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=150)
+        return appliance_cmd(env, *argv)
+
+    def gpus_shown() -> dict[str, str] | None:
+        """Each worker's status line, once both show their GPU's NVML figures (the first heartbeat has them)."""
+        status = cli("status")
+        lines = {line.split()[0]: line for line in status.stdout.splitlines() if "-direct" in line}
+        return lines if all("GB)" in lines.get(f"worker{n}-direct", "") for n in (1, 2)) else None
 
     started = cli("start")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert "NVML (driver 550.54.15) found 2 GPUs" in started.stdout
-        deadline = time.monotonic() + 15
-        while True:  # the first heartbeat brings the NVML figures
-            status = cli("status")
-            lines = {line.split()[0]: line for line in status.stdout.splitlines() if "-direct" in line}
-            if all("GB)" in lines.get(f"worker{n}-direct", "") for n in (1, 2)) or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert TWO["gpus"][0]["uuid"] in lines["worker1-direct"], status.stdout
+        lines = wait_for(gpus_shown, 15, "both workers' NVML figures in the status")
+        assert TWO["gpus"][0]["uuid"] in lines["worker1-direct"], lines
         assert "0:NVIDIA A100-SXM4-80GB" in lines["worker1-direct"]
-        assert f"1:NVIDIA L40S:{TWO['gpus'][1]['uuid']}" in lines["worker2-direct"], status.stdout
+        assert f"1:NVIDIA L40S:{TWO['gpus'][1]['uuid']}" in lines["worker2-direct"], lines
         conf = (run_dir / "conf.d" / "workers.conf").read_text()
         assert f'CUDA_VISIBLE_DEVICES="{TWO["gpus"][1]["uuid"]}"' in conf
-        password = (run_dir / "redis.password").read_text().strip()  # the embedded Redis requires it
-        client = redis.Redis(port=redis_port, password=password, decode_responses=True)
+        client = redis.Redis.from_url(app.redis_url, decode_responses=True)   # with the embedded Redis's password
         caps = orjson.loads(client.hget("worker:worker2-direct", "capabilities"))
+        client.close()
         assert caps["hardware"]["gpu_uuid"] == TWO["gpus"][1]["uuid"]
     finally:
         stopped = cli("stop")

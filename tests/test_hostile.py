@@ -26,11 +26,15 @@ from appliance.api.janitor import Janitor
 from appliance.api.limits import TokenBuckets
 from appliance.api.resources import Health
 from appliance.api.tasks import Tasks, TaskState
+from appliance.classes import ClassBook
 from appliance.jobs import ORJSON_MAX_DEPTH, RENDER_DEPTH, JobSpec, public_job
+from appliance.matching import RequirementClass
 from appliance.queue import Queue
-from appliance.settings import ApiKey, ApiSettings, QueueSettings
+from appliance.settings import ApiKey, ApiSettings, QueueSettings, WorkerSettings
+from appliance.worker import Worker
+from connectors.simulation import SimulationConnector, SimulationSettings
 from live_api import Api, FakeWorker, recv, recv_until, running_api, send, sse, ws_connect
-from procs import env_for
+from procs import env_for, wait_for
 
 
 def nested(levels: int) -> Any:
@@ -132,9 +136,45 @@ def test_long_input_is_never_echoed_whole(api: falcon.testing.TestClient) -> Non
                                                         "requirements": {"gpu_model": [huge]}}),
                    api.simulate_get("/api/jobs", params={"status": huge}),
                    api.simulate_get(f"/api/jobs/{huge[:5000]}"),
+                   api.simulate_get(f"/api/jobs/x/outputs/{huge[:3900]}"),
+                   api.simulate_get(f"/api/jobs/{huge[:3900]}/preview"),
                    api.simulate_get(f"/nowhere/{huge[:5000]}")):
         assert result.status_code in (400, 404), result.text[:200]
         assert len(result.text) < 1000 and "s" * 100 not in result.text
+
+
+@pytest.mark.parametrize("name", ["step_number", "workflow_priority", "workflow_datetime"])
+def test_a_long_digit_string_is_a_400_naming_its_field(api: falcon.testing.TestClient, name: str) -> None:
+    body = error_of(api.simulate_post("/api/jobs", json={"service_required": "simulation", name: "9" * 5000}),
+                    400)
+    assert body["field"] == name and "9" * 100 not in body["error"]
+
+
+def test_long_digit_query_parameters_are_a_400(api: falcon.testing.TestClient) -> None:
+    assert error_of(api.simulate_get("/api/jobs", params={"limit": "9" * 5000}), 400)["field"] == "limit"
+
+
+def test_requirements_are_bounded_in_bytes_and_counts(api: falcon.testing.TestClient) -> None:
+    def submit(requirements: Any) -> falcon.testing.Result:
+        return api.simulate_post("/api/jobs", json={"service_required": "simulation", "requirements": requirements})
+
+    body = error_of(submit({"models": [f"m{n}" for n in range(100_000)]}), 400)
+    assert body["field"] == "requirements" and "API_MAX_REQUIREMENTS_BYTES" in body["error"]
+    body = error_of(submit({"models": [f"m{n}" for n in range(300)]}), 400)
+    assert body["field"] == "requirements.models" and "256" in body["error"]
+    assert error_of(submit({"gpu_model": "g" * 300}), 400)["field"] == "requirements.gpu_model"
+    assert error_of(submit({"custom.tags": ["t"] * 300}), 400)["field"] == "requirements.custom.tags"
+    assert error_of(submit({"custom.region": "r" * 300}), 400)["field"] == "requirements.custom.region"
+    assert submit({"models": [f"m{n}" for n in range(256)]}).status_code == 201
+
+
+def test_an_unworkable_reason_is_short_whatever_the_requirements() -> None:
+    wanted = [f"model-{n:03d}-" + "x" * 200 for n in range(256)]
+    job_class = RequirementClass("c1", "simulation", {"models": wanted}, "", "q")
+    workers = {f"worker-{n}": {"services": ["simulation"], "models": {"simulation": ["other"]}} for n in range(20)}
+    reason = ClassBook.judge(job_class, workers)
+    assert reason is not None and len(reason) <= 512, len(reason or "")
+    assert "worker-0: lacks models [" in reason and "and 253 more" in reason
 
 
 def test_a_payload_over_its_limit_is_refused(client: redis.Redis, settings: QueueSettings) -> None:
@@ -589,3 +629,102 @@ def test_an_idle_monitor_holds_a_bounded_queue(redis_server: str, queue: Queue) 
             time.sleep(0.2)
         assert "client too slow" in api.log_text()
         idle.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _api_worker_pid(api: Api) -> int:
+    with open(f"/proc/{api.proc.pid}/task/{api.proc.pid}/children") as children:
+        pids = [int(pid) for pid in children.read().split()]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _idle_streams(api: Api, job_id: str, count: int) -> list[socket.socket]:
+    """`count` event streams of a job whose clients read nothing (a small receive buffer)."""
+    request = f"GET /api/jobs/{job_id}/progress HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", api.port))
+        sock.sendall(request)
+        socks.append(sock)
+    return socks
+
+
+def _sse_open(api: Api) -> int:
+    return int(api.get_json("/api/connection-stats")[1]["sse_connections"])
+
+
+@pytest.mark.slow
+def test_idle_event_streams_share_a_large_event_and_stay_bounded(redis_server: str, queue: Queue) -> None:
+    """A 3 MB `completed` event, idle streams that never read: live ones (following when it came) and late ones
+    (replaying it). Each holds the shared rendering, not a copy: the API process grows by far less than one
+    event per client, and what each waits to write is counted (queued_bytes)."""
+    limit, clients, result = 65536, 40, {"blob": "r" * (3 * 1024 * 1024)}
+    with running_api(env_for(redis_server), API_CLIENT_QUEUE_BYTES=str(limit),
+                     API_MAX_SSE_CONNECTIONS="1000") as api:
+        pid = _api_worker_pid(api)
+        worker = FakeWorker(queue)
+        warm = worker.submit()
+        worker.claim()
+        worker.complete(warm, result)
+        assert sse(api, warm).events()[-1].event == "completed"     # the process has rendered one such event
+        before = _rss_bytes(pid)
+        live_job = worker.submit()
+        socks = _idle_streams(api, live_job, clients)
+        try:
+            wait_for(lambda: _sse_open(api) == clients, 20, "the live streams to open")
+            assert worker.claim() == live_job
+            worker.complete(live_job, result)
+            late = _idle_streams(api, live_job, clients)
+            socks += late
+            wait_for(lambda: _sse_open(api) == 2 * clients, 20, "the late streams to open")
+            # every stuck client counts the event it is writing, once
+            stats = wait_for(lambda: (lambda s: s if s["queued_bytes"] >= 2 * clients * 3_000_000 else None)(
+                api.get_json("/api/connection-stats")[1]["this_process"]), 30, "every stream to count the event")
+            assert stats["queued_bytes_max"] <= 3 * 1024 * 1024 + 4096
+            grown = _rss_bytes(pid) - before
+            # a copy per client would be 80 x 3 MB; shared, it is one event's renderings plus small change
+            assert grown < 2 * clients * limit + 30 * 1024 * 1024, grown
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+# -- one job cannot flood the followers ----------------------------------------------------------------------
+def test_the_simulation_refuses_more_steps_than_its_bound(api: falcon.testing.TestClient) -> None:
+    body = error_of(api.simulate_post("/api/jobs", json={"service_required": "simulation",
+                                                         "payload": {"duration": 1, "steps": 100_000}}), 400)
+    assert "steps" in body["error"]
+
+
+def test_progress_writes_are_throttled_per_job_and_the_last_step_arrives(client: redis.Redis,
+                                                                         settings: QueueSettings,
+                                                                         queue: Queue) -> None:
+    """10,000 steps meant for 1.5 s: at most WORKER_PROGRESS_MAX_PER_SECOND progress events a second (a second's worth at
+    once), and the final step is among them."""
+    worker = Worker(WorkerSettings(queue=settings, worker_id="w1", services=("simulation",),
+                                   connectors=("simulation",), progress_max_per_second=10),
+                    client, client, {"simulation": SimulationConnector(SimulationSettings())})
+    worker.register()
+    job_id = queue.submit(JobSpec(service_required="simulation", payload={"duration": 1500, "steps": 10_000}))
+    started = time.monotonic()
+    assert worker.run_once() == 1
+    deadline = time.monotonic() + 60
+    while worker.running:
+        assert time.monotonic() < deadline, "the job did not finish"
+        gevent.sleep(0.05)
+    took_s = time.monotonic() - started
+    progress = [fields for _, fields in client.xrange(queue.keys.progress(job_id)) if fields["event"] == "progress"]
+    assert progress[-1]["current_step"] == "10000" and progress[-1]["progress"] == "100"
+    assert 3 <= len(progress) <= 10 + 10 * (took_s + 1), (len(progress), took_s)   # the bound, not 10,001
+    assert queue.get(job_id)["status"] == "completed"

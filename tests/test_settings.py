@@ -1,7 +1,11 @@
-"""Settings: every bad WORKER_*/API_* value stops the process with one line naming the variable."""
+"""Settings: every bad WORKER_*/API_* value stops the process with one line naming the variable; the
+environment is parsed once, at the entry points, and only settings objects are handed down."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +13,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from appliance.connector import load_connectors
+from appliance.connector import Connector, NoSettings, connector_entry_points, connector_settings, load_connectors
 from appliance.settings import ApiSettings, QueueSettings, SettingsError, WorkerSettings
 from conftest import ROOT
+from connectors.comfyui import ComfyUIConnector
+from connectors.comfyui_settings import ComfyUISettings
+from connectors.simulation import SimulationConnector, SimulationSettings
+from procs import appliance_cmd
 
 BAD_WORKER = [
     ("WORKER_ID", "has space"),
@@ -114,13 +122,97 @@ def test_password_is_redacted_in_errors_and_repr() -> None:
     ("WORKER_SIMULATION_PROCESSING_TIME", "slow"),
     ("WORKER_SIMULATION_STEPS", "-1"),
     ("WORKER_SIMULATION_FAILURE_RATE", "2"),
+    ("WORKER_SIMULATION_ALLOW_KILL", "maybe"),
+    ("WORKER_COMFYUI_PORT", "http"),
+    ("WORKER_COMFYUI_PORT", "65536"),
+    ("WORKER_COMFYUI_TIMEOUT_SECONDS", "0"),
+    ("WORKER_COMFYUI_URL", "ftp://127.0.0.1:8188"),
 ])
 def test_bad_connector_settings_name_the_variable(name: str, value: str) -> None:
-    env = {name: value}
+    env = {"WORKER_CONNECTORS": "simulation,comfyui,noop", name: value}
     with pytest.raises(SettingsError) as caught:
         settings = WorkerSettings.from_env(env)
-        load_connectors(settings.connectors, settings.env)
-    assert name in str(caught.value)
+        connector_settings(settings.connectors, env)
+    assert name in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_connector_settings_are_parsed_once_and_handed_to_each_connector() -> None:
+    env = {"WORKER_CONNECTORS": "simulation,comfyui,noop", "WORKER_SIMULATION_STEPS": "3",
+           "WORKER_SIMULATION_ALLOW_KILL": "1", "WORKER_COMFYUI_HOST": "10.0.0.5", "WORKER_COMFYUI_PORT": "8190",
+           "WORKER_COMFYUI_USERNAME": "u", "WORKER_COMFYUI_PASSWORD": "s3cret", "WORKER_ID": "w7"}
+    parsed = connector_settings(WorkerSettings.from_env(env).connectors, env)
+    assert parsed == {"simulation": SimulationSettings(processing_time_s=5.0, steps=3, allow_kill=True),
+                      "comfyui": ComfyUISettings(url="http://10.0.0.5:8190", host="10.0.0.5", username="u",
+                                                 password="s3cret", worker_id="w7"),
+                      "noop": NoSettings()}
+    assert "s3cret" not in repr(parsed)
+    connectors = load_connectors(parsed)
+    assert isinstance(connectors["simulation"], SimulationConnector)
+    assert connectors["simulation"].settings is parsed["simulation"]
+    comfy = connectors["comfyui"]
+    assert isinstance(comfy, ComfyUIConnector)
+    assert (comfy.http.base, comfy.ws_url, comfy.local) == ("http://10.0.0.5:8190", "ws://10.0.0.5:8190/ws", False)
+    assert comfy.client_id.startswith("appliance-w7-")
+    url = ComfyUISettings.from_env({"WORKER_COMFYUI_URL": "https://gpu0.example:9000/comfy/",
+                                    "WORKER_COMFYUI_PORT": "1"})
+    assert (url.url, url.ws_url, url.host) == ("https://gpu0.example:9000/comfy", "wss://gpu0.example:9000/comfy/ws",
+                                               "gpu0.example")
+
+
+def test_each_connector_takes_its_settings_object_not_the_environment() -> None:
+    for name, point in connector_entry_points(("simulation", "noop", "comfyui")).items():
+        cls = point.load()
+        assert issubclass(cls, Connector) and dataclasses.is_dataclass(cls.settings_type), name
+        assert cls.settings_type.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
+        [param] = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        assert param.annotation in (cls.settings_type.__name__, f"{cls.settings_type.__name__} | None"), name
+
+
+def test_a_bad_worker_setting_does_not_stop_the_api() -> None:
+    """The API parses no WORKER_* variable: a bad one is the workers' to refuse."""
+    bad = {name: value for name, value in BAD_WORKER if name.startswith("WORKER_")}
+    api = ApiSettings.from_env(bad)
+    assert api.port == 3001
+    assert {f.name for f in dataclasses.fields(QueueSettings)}.isdisjoint({"lease_ms", "env"})
+    assert "env" not in {f.name for f in dataclasses.fields(WorkerSettings)}
+    worker = WorkerSettings.from_env({"WORKER_LEASE_MS": "5000", "CUDA_VISIBLE_DEVICES": "GPU-abc,GPU-def"})
+    assert (worker.lease_ms, worker.gpu_device) == (5000, "GPU-abc")
+    assert WorkerSettings.from_env({"CUDA_VISIBLE_DEVICES": "-1"}).gpu_device == ""
+
+
+# Modules that read the process environment: the entry points (the worker's, the CLI's) and the settings module.
+ENVIRONMENT_READERS = {"appliance/settings.py", "appliance/worker_process.py", "appliance/cli.py"}
+# The CLI's own modules, which parse the environment the CLI hands them (programs, Redis, ComfyUI hosts).
+CLI_MODULES = {"appliance/cli.py", "appliance/configure.py", "appliance/runtime.py", "appliance/comfyui_host.py"}
+
+
+def test_nothing_after_the_entry_points_reads_the_environment() -> None:
+    """`os.environ`/`os.getenv` only in the entry points and settings.py; `Env(...)` (the parser) only in
+    settings.py, the CLI's modules and `from_env` classmethods (a connector's settings dataclass): no worker, API
+    or connector code reads a variable at run time."""
+    offences = []
+    for path in sorted([*(ROOT / "appliance").rglob("*.py"), *(ROOT / "connectors").rglob("*.py")]):
+        name = path.relative_to(ROOT).as_posix()
+        tree = ast.parse(path.read_text(), name)
+        for function, node in _walk(tree, ""):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
+                    and node.attr in ("environ", "environb", "getenv", "putenv") \
+                    and name not in ENVIRONMENT_READERS:
+                offences.append(f"{name}:{node.lineno} os.{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Env" \
+                    and name not in CLI_MODULES | {"appliance/settings.py"} and function != "from_env":
+                offences.append(f"{name}:{node.lineno} Env(...) in {function or 'module level'}")
+    assert offences == []
+
+
+def _walk(node: ast.AST, function: str) -> list[tuple[str, ast.AST]]:
+    """Every node under `node` with the name of the function it is in."""
+    found = []
+    for child in ast.iter_child_nodes(node):
+        inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+        found.append((inner, child))
+        found.extend(_walk(child, inner))
+    return found
 
 
 def test_good_settings_parse() -> None:
@@ -150,9 +242,11 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     ("WORKER_CONNECTORS", "no-such-connector"),
     ("HUB_REDIS_URL", "http://127.0.0.1:1"),
     ("WORKER_CUSTOM_CAPABILITIES", "notjson"),
+    ("WORKER_COMFYUI_PORT", "http"),
 ])
 def test_worker_process_exits_2_with_one_line(env_base: dict[str, str], name: str, value: str) -> None:
-    proc = _run([sys.executable, "-m", "appliance.worker_process"], {**env_base, name: value})
+    env = {**env_base, "WORKER_CONNECTORS": "simulation,comfyui", name: value}
+    proc = _run([sys.executable, "-m", "appliance.worker_process"], env)
     assert proc.returncode == 2, proc.stderr
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) == 1, lines
@@ -167,3 +261,15 @@ def test_api_process_exits_2_with_one_line(env_base: dict[str, str]) -> None:
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) == 1, lines
     assert "API_PORT" in lines[0]
+
+
+def test_appliance_start_refuses_a_bad_connector_setting_before_starting_anything(env_base: dict[str, str],
+                                                                                 tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**env_base, "APPLIANCE_RUN_DIR": str(run_dir), "APPLIANCE_ENV_FILE": str(tmp_path / "none.env"),
+           "WORKER_CONNECTORS": "simulation,comfyui", "WORKER_COMFYUI_PORT": "99999"}
+    proc = appliance_cmd(env, "start", timeout_s=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "WORKER_COMFYUI_PORT" in lines[0], proc.stderr
+    assert not (run_dir / "supervisord.pid").exists() and not list(run_dir.glob("*.conf"))

@@ -106,6 +106,25 @@ def test_last_event_ids_redis_would_refuse_are_400(api: Api, queue: Queue, bad_i
     assert bad.status == 400 and bad.body["field"] == "Last-Event-ID"
 
 
+@pytest.mark.parametrize("beyond", ["18446744073709551615-18446744073709551614",
+                                    "18446744073709551615-18446744073709551615"])
+def test_a_last_event_id_beyond_the_stream_never_holds_back_other_followers(api: Api, queue: Queue,
+                                                                            beyond: str) -> None:
+    """The first follower of a job resumes from an id past the stream's end: it counts as the newest entry, so
+    the process's shared cursor stays on what Redis holds, and a later follower still gets live events."""
+    worker = FakeWorker(queue)
+    job_id = worker.submit()
+    first = sse(api, job_id, last_event_id=beyond)
+    assert first.status == 200 and first.next().event == "connected"
+    second = sse(api, job_id)
+    assert [second.next().event, second.next().event] == ["connected", "submitted"]
+    worker.claim()
+    worker.complete(job_id)
+    later = worker.stream_ids(job_id)[1:]
+    assert [f.id for f in second.events()] == later and later
+    assert [f.id for f in first.events()] == later
+
+
 def test_keepalive_comment_while_idle(api: Api, queue: Queue) -> None:
     worker = FakeWorker(queue)
     job_id = worker.submit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 from collections.abc import Iterator
 
+import orjson
 import pytest
 
 from appliance.queue import Queue
@@ -286,3 +287,33 @@ def test_offered_subprotocol_is_echoed(api: Api) -> None:
     assert ws.getsubprotocol() == "appliance.v1"
     assert recv(ws)["type"] == "connected"
     ws.close()
+
+
+def test_long_ids_in_messages_are_never_echoed_whole(api: Api, queue: Queue) -> None:
+    """A job id or message id of tens of kilobytes (up to API_WS_MAX_MESSAGE_BYTES): an error naming the
+    field, a short prefix echoed."""
+    ws = ws_connect(api, "/")
+    assert recv(ws)["type"] == "connected"
+    for message in ({"type": "subscribe_progress", "job_id": "j" * 60_000},
+                    {"type": "get_job_status", "job_id": "j" * 60_000},
+                    {"type": "ping", "id": "i" * 60_000}):
+        send(ws, message)
+        text = ws.recv()
+        assert len(text) < 1000 and "j" * 100 not in text and "i" * 100 not in text, text[:200]
+        if message["type"] != "ping":
+            reply = orjson.loads(text)
+            assert reply["type"] == "error" and reply["field"] == "job_id"
+    ws.close()
+
+
+def test_without_keys_a_page_of_another_site_cannot_open_a_socket(api: Api) -> None:
+    import websocket
+
+    for path in ("/ws/monitor/evil", "/ws/client/evil", "/"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as caught:
+            websocket.create_connection(api.ws_url + path, timeout=10, origin="http://evil.example")
+        assert caught.value.status_code == 403, path
+    local = websocket.create_connection(api.ws_url + "/ws/monitor/local", timeout=10,
+                                        origin="http://localhost:3000")
+    assert recv(local)["type"] == "connected"
+    local.close()

@@ -24,7 +24,7 @@ from appliance.queue import Queue
 from appliance.settings import QueueSettings, WorkerSettings
 from appliance.worker import Worker
 from conftest import ROOT
-from connectors.simulation import SimulationConnector
+from connectors.simulation import SimulationConnector, SimulationSettings
 from procs import Listener, wait_alive, worker_process
 
 SIM_ENV = {"WORKER_SIMULATION_PROCESSING_TIME": "0.05", "WORKER_SIMULATION_STEPS": "2"}
@@ -46,7 +46,8 @@ def make_worker(client: redis.Redis, settings: QueueSettings, *, max_concurrent:
     worker_settings = WorkerSettings(queue=settings, worker_id=worker_id, services=("simulation", "broken"),
                                      connectors=("simulation", "broken"), max_concurrent_jobs=max_concurrent,
                                      job_timeout_minutes=1.0)
-    connectors: dict[str, Connector] = {"simulation": SimulationConnector(SIM_ENV), "broken": BrokenConnector({})}
+    connectors: dict[str, Connector] = {"simulation": SimulationConnector(SimulationSettings.from_env(SIM_ENV)),
+                                        "broken": BrokenConnector()}
     return Worker(worker_settings, client, client, connectors)
 
 
@@ -229,7 +230,7 @@ def test_a_claim_that_crossed_a_hand_off_gives_back_what_has_no_slot(client: red
     w = make_worker(client, settings, max_concurrent=1)
     w.register()
     claimed = submit(queue, payload={"duration": 10_000, "steps": 1})
-    in_flight = queue.scripts.claim("w1", w.claim_queues(), 1, settings.lease_ms, services=w.services)
+    in_flight = queue.scripts.claim("w1", w.claim_queues(), 1, w.settings.lease_ms, services=w.services)
     assert [job.id for job in in_flight.jobs] == [claimed]
     listener = idle_listener(client, queue)
     client.hset(k.worker("w1"), "max_concurrent_jobs", "2")  # Redis cannot count the in-flight claim's job
@@ -380,7 +381,7 @@ def test_reclaiming_a_lost_job_voids_the_old_attempt(client: redis.Redis, settin
     assert w.run_once() == 1
     gevent.sleep(0.05)
     first = w.running[job_id]
-    later = clock.now_ms() + settings.lease_ms + 1
+    later = clock.now_ms() + w.settings.lease_ms + 1
     assert queue.scripts.recover(now_ms=later, jitter=0.0).jobs == 1  # the job waits half the base step
     assert w.run_once(now_ms=later + settings.retry_base_ms // 2) == 1
     second = w.running[job_id]

@@ -7,9 +7,9 @@ from typing import Any
 import falcon
 
 from appliance.api import capacity, errors
-from appliance.api.auth import AuthMiddleware
+from appliance.api.auth import AuthMiddleware, OriginMiddleware, guard_for
 from appliance.api.docs import DocsPage
-from appliance.api.limits import Limits
+from appliance.api.limits import JsonBodies, Limits
 from appliance.api.live import ConnectionStats, LiveApp, LiveServices, create_live
 from appliance.api.openapi import OpenApiDocument
 from appliance.api.outputs import JobOutput, JobPreview
@@ -27,11 +27,7 @@ def create_app(settings: ApiSettings, queue: Queue,
 
     With `live` (the process's stream reader and connection registry) it also serves job progress as SSE
     and the connection counts."""
-    origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
-    # keys travel in headers, never cookies: no origin is ever allowed credentials
-    middleware: list[Any] = [
-        falcon.CORSMiddleware(allow_origins=origins, allow_credentials=None, expose_headers=["Retry-After"]),
-        AuthMiddleware(settings, queue)]
+    middleware: list[Any] = [OriginMiddleware(guard_for(settings)), JsonBodies(), AuthMiddleware(settings, queue)]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

@@ -7,8 +7,10 @@ exist); an admin key sees everything and alone may open monitor sockets and read
 every caller is an admin (the API then listens on loopback unless API_BIND says otherwise).
 
 Keys are compared in constant time over all keys (SHA-256 digests, so lengths do not show either), and never
-logged. Browsers of other origins are refused WebSocket handshakes unless CORS_ORIGINS names them; a request
-without an Origin header (not a browser) is not judged by origin.
+logged. A browser request from another web page (its Origin header) is refused, HTTP (403) and WebSocket alike,
+unless CORS_ORIGINS names that origin, or the API has no keys and the page is on a loopback origin
+(`http(s)://localhost`, `127.0.0.1`, `[::1]`, any port: monitor web apps run locally). A request without an
+Origin header (not a browser) is not judged by origin.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import falcon
 import orjson
 
 from appliance import clock
-from appliance.errors import JobNotFound
+from appliance.errors import JobNotFound, shown
 from appliance.queue import Queue
 from appliance.settings import ApiKey, ApiSettings
 
@@ -95,6 +97,42 @@ def token_of(environ: Mapping[str, Any]) -> str | None:
     return None
 
 
+class OriginMiddleware(falcon.CORSMiddleware):  # type: ignore[type-arg]
+    """CORS for the allowed origins (Guard.origin_allowed), and a 403 for a browser request from any other: a
+    page elsewhere must not drive the API even with a request a browser sends without asking (a form post).
+    The allowed origin is echoed back (`*` only when CORS_ORIGINS says `*`); credentials are never allowed:
+    keys travel in headers, not cookies."""
+
+    def __init__(self, guard: Guard):
+        super().__init__(allow_origins="*", allow_credentials=None, expose_headers=["Retry-After"])
+        self.guard = guard
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.guard.origin_allowed(req.env):
+            raise falcon.HTTPForbidden(title="Origin not allowed", description=(
+                f"Web pages of origin {shown(req.get_header('Origin'))} may not call this API; add the origin to "
+                "CORS_ORIGINS"))
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        origin = req.get_header("Origin")
+        if origin is None or not self.guard.origin_allowed(req.env):
+            return
+        super().process_response(req, resp, resource, req_succeeded)
+        if "*" not in self.guard.origins and resp.get_header("Access-Control-Allow-Origin") is not None:
+            resp.set_header("Access-Control-Allow-Origin", origin)
+            resp.append_header("Vary", "Origin")
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def loopback_origin(origin: str) -> bool:
+    """Whether a browser origin is a page served from this host's loopback (any port)."""
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK_HOSTS
+
+
 @dataclass(frozen=True)
 class Guard:
     """The keyring and allowed origins of one API process."""
@@ -103,11 +141,15 @@ class Guard:
     origins: frozenset[str]
 
     def origin_allowed(self, environ: Mapping[str, Any]) -> bool:
-        """No Origin (not a browser), `*`, a listed origin, or the API's own origin (same host and port)."""
-        origin = environ.get("HTTP_ORIGIN")
+        """No Origin (not a browser), `*`, a listed origin, the API's own origin (same host and port), or
+        (without keys) a loopback origin."""
+        origin = str(environ.get("HTTP_ORIGIN") or "")
         if not origin or "*" in self.origins or origin in self.origins:
             return True
-        return bool(urlsplit(str(origin)).netloc) and urlsplit(str(origin)).netloc == environ.get("HTTP_HOST")
+        if not self.keyring.enabled and loopback_origin(origin):
+            return True
+        netloc = urlsplit(origin).netloc
+        return bool(netloc) and netloc == environ.get("HTTP_HOST")
 
 
 @functools.lru_cache(maxsize=8)
@@ -188,7 +230,7 @@ def websocket_identity(environ: Mapping[str, Any], settings: ApiSettings, monito
     a plain key on a monitor socket."""
     guard = guard_for(settings)
     if not guard.origin_allowed(environ):
-        return _refusal("403 Forbidden", f"Origin {environ.get('HTTP_ORIGIN')} is not allowed; add it to "
+        return _refusal("403 Forbidden", f"Origin {shown(environ.get('HTTP_ORIGIN'))} is not allowed; add it to "
                                          "CORS_ORIGINS")
     token = token_of(environ)
     identity = guard.keyring.identify(token)

@@ -122,6 +122,24 @@ def submit(queue: Queue, spec: JobSpec) -> str:
         if is_oom(exc):
             raise QueueFull() from exc
         raise
+    except redis.TimeoutError:
+        # the reply was slow, not necessarily the submit: Redis runs the script whole, so a read behind it tells
+        # whether the job was stored (a stored job must never be answered as a failure)
+        if stored(queue, spec.id):
+            log.warning("submit of job %s answered slowly by Redis; it was stored", spec.id)
+            return spec.id
+        raise
+
+
+def stored(queue: Queue, job_id: str, tries: int = 3) -> bool:
+    """Whether the job exists, asked again while Redis is still too slow to answer."""
+    for attempt in range(tries):
+        try:
+            return bool(queue.client.exists(queue.keys.job(job_id)))
+        except redis.TimeoutError:
+            if attempt == tries - 1:
+                raise
+    return False
 
 
 def handle_full(req: falcon.Request, resp: falcon.Response, exc: QueueFull, params: Any) -> None:

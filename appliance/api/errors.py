@@ -32,7 +32,7 @@ def _respond(resp: falcon.Response, http_status: str, error: str, /, **extra: An
     resp.data = render.dumps(envelope(error, **extra))
 
 
-def _echo(value: str) -> str:
+def echo(value: str) -> str:
     """A client-sent id as the envelope repeats it: whole when short, else a prefix."""
     return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…"
 
@@ -49,11 +49,11 @@ def serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon
 
 
 def handle_validation(req: falcon.Request, resp: falcon.Response, exc: ValidationError, params: Any) -> None:
-    _respond(resp, falcon.HTTP_400, str(exc), field=_echo(exc.field))
+    _respond(resp, falcon.HTTP_400, str(exc), field=echo(exc.field))
 
 
 def handle_not_found(req: falcon.Request, resp: falcon.Response, exc: JobNotFound, params: Any) -> None:
-    _respond(resp, falcon.HTTP_404, "Job not found", job_id=_echo(exc.job_id))
+    _respond(resp, falcon.HTTP_404, "Job not found", job_id=echo(exc.job_id))
 
 
 def handle_finished(req: falcon.Request, resp: falcon.Response, exc: JobFinished, params: Any) -> None:

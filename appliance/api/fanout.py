@@ -29,6 +29,7 @@ import re
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -79,7 +80,7 @@ def valid_id(entry_id: str) -> bool:
 class Entry:
     """One stream entry as read, shared by every subscriber; renderings are cached per client kind."""
 
-    __slots__ = ("stream", "id", "key", "fields", "extra", "size", "_cache")
+    __slots__ = ("stream", "id", "key", "fields", "extra", "size", "_cache", "__weakref__")
 
     def __init__(self, stream: str, entry_id: str, fields: dict[str, str]):
         self.stream = stream
@@ -123,7 +124,7 @@ def direct_result(batch: list[Entry], data: bytes, written: int) -> list[Entry] 
         return None
     if written == 0:
         return batch
-    return Raw(data[written:])
+    return Raw(memoryview(data)[written:])   # a view: the rendering is shared by every client, never copied
 
 
 class Raw:
@@ -131,7 +132,7 @@ class Raw:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes | memoryview):
         self.data = data
 
 
@@ -251,6 +252,9 @@ class Hub(TaskState):
         self._running = False
         self._wake_pending = False
         self._reads: dict[tuple[str, str | None, int], gevent.event.AsyncResult[Any]] = {}
+        # every Entry some client still holds, by stream and id: a later read of the same entry (a client joining
+        # late, the live read) shares it and its renderings instead of holding its own copy of a large event
+        self._entries: weakref.WeakValueDictionary[tuple[str, str], Entry] = weakref.WeakValueDictionary()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -283,7 +287,7 @@ class Hub(TaskState):
         try:
             start = "-" if after is None else f"({after}"
             raw: Any = self.client.xrange(stream, start, "+", count=count)
-            entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+            entries = [self.entry(stream, entry_id, fields) for entry_id, fields in raw]
         except Exception as exc:
             result.set_exception(exc)
             raise
@@ -295,18 +299,35 @@ class Hub(TaskState):
         result.set(entries)
         return entries
 
+    def entry(self, stream: str, entry_id: str, fields: dict[str, str]) -> Entry:
+        """The Entry for a stream entry just read: the one clients already hold if any, else a new one."""
+        key = (stream, str(entry_id))
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = Entry(stream, entry_id, fields)
+        return found
+
     def last_id(self, stream: str) -> str:
         """The id of the newest entry of `stream` ("0-0" when it is empty or missing)."""
         newest = self.client.xrevrange(stream, "+", "-", count=1)
         return str(newest[0][0]) if newest else "0-0"
+
+    def clamp(self, stream: str, after: str) -> str:
+        """`after`, or the stream's newest entry id when `after` is beyond it (a client's Last-Event-ID)."""
+        newest = self.last_id(stream)
+        return newest if parse_id(after) > parse_id(newest) else after
 
     def join(self, sub: Subscriber, stream: str, after: str | None,
              deliver: Callable[[Entry], Any]) -> None:
         """Read `stream` after `after` (`deliver` gets each entry), then follow it live through `sub`'s queue.
 
         Loops until the history read has caught up with the reader's cursor, then registers without
-        yielding in between, so no entry can fall into a gap.
+        yielding in between, so no entry can fall into a gap. An `after` beyond the stream's newest entry (a
+        client-chosen Last-Event-ID) counts as the newest entry: the reader's cursor, shared by every follower
+        of the stream, never moves past what Redis holds.
         """
+        if after is not None:
+            after = self.clamp(stream, after)
         last = after
         rounds = 0
         while True:
@@ -328,7 +349,8 @@ class Hub(TaskState):
             return
 
     def follow(self, sub: Subscriber, stream: str, after: str) -> None:
-        """Follow `stream` live from entry id `after` (no history read: the caller took its own snapshot)."""
+        """Follow `stream` live from entry id `after` (no history read: the caller took its own snapshot; `after`
+        is an id the server read, never a client's)."""
         sub.last.setdefault(stream, parse_id(after))
         cursor = self.cursors.get(stream)
         if cursor is not None and parse_id(cursor) > parse_id(after):
@@ -411,7 +433,7 @@ class Hub(TaskState):
                     self.cursors[stream] = str(raw[-1][0])     # never read the same batch again
 
     def _hand_out(self, stream: str, raw: list[Any]) -> None:
-        entries = [Entry(stream, entry_id, fields) for entry_id, fields in raw]
+        entries = [self.entry(stream, entry_id, fields) for entry_id, fields in raw]
         if not entries:
             return
         enrich = self.enrichers.get(stream)

@@ -16,7 +16,7 @@ import gevent
 import orjson
 
 from appliance.connector import check_payload
-from appliance.errors import Overloaded, ValidationError
+from appliance.errors import Overloaded, ValidationError, shown
 from appliance.jobs import JobSpec, json_depth_within
 from appliance.settings import ApiSettings
 
@@ -57,6 +57,23 @@ class TokenBuckets:
 def caller_of(key_name: str, address: str | None) -> str:
     """Who a submit is counted against: the API key's name, or (keys off) the client's address."""
     return f"key:{key_name}" if key_name else f"addr:{address or '?'}"
+
+
+class JsonBodies:
+    """Falcon middleware: a request body (POST, PUT, PATCH, DELETE) must be `application/json` (415 otherwise).
+
+    A web page of another origin can send a form or text/plain body without the browser asking first; a JSON
+    body makes the browser ask (a CORS preflight), which the origin check answers. A body without any
+    Content-Type is taken (a browser always sends one with a form)."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return
+        has_body = bool(req.content_length) or "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+        media = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if has_body and media and media != falcon.MEDIA_JSON:
+            raise falcon.HTTPUnsupportedMediaType(description=(
+                f"Send the body as JSON with `Content-Type: application/json`, not {shown(media, 80)}"))
 
 
 class Limits:
@@ -134,12 +151,20 @@ class Limits:
                                       "objects (API_MAX_JSON_DEPTH)")
 
     def submission(self, body: Any, submitted_by: str = "", raw_size: int | None = None) -> JobSpec:
-        """A checked job from a submission body: its fields (JobSpec.parse), its payload's size (at most
-        API_MAX_PAYLOAD_BYTES as JSON) and its connector's payload check.
+        """A checked job from a submission body: its requirements' size (at most API_MAX_REQUIREMENTS_BYTES as
+        JSON), its fields (JobSpec.parse), its payload's size (at most API_MAX_PAYLOAD_BYTES as JSON) and its
+        connector's payload check.
 
         Raises:
             ValidationError: naming the field.
         """
+        requirements = body.get("requirements") if isinstance(body, dict) else None
+        limit = self.settings.max_requirements_bytes
+        if requirements is not None and (raw_size is None or raw_size > limit):
+            size = len(orjson.dumps(requirements))
+            if size > limit:
+                raise ValidationError("requirements", f"{size} bytes as JSON; at most {limit} "
+                                                      "(API_MAX_REQUIREMENTS_BYTES)")
         spec = JobSpec.parse(body, submitted_by=submitted_by)
         limit = self.settings.max_payload_bytes
         if raw_size is None or raw_size > limit:

@@ -14,10 +14,10 @@ from typing import Any
 from appliance import clock
 from appliance.api import render
 from appliance.api.fanout import Entry
-from appliance.jobs import JOB_FIELDS, decode
+from appliance.jobs import JOB_FIELDS, TERMINAL, JobStatus, decode
 
-TERMINAL_EVENTS = frozenset({"completed", "failed", "timeout", "cancelled"})
-FAILED_EVENTS = frozenset({"failed", "timeout", "cancelled"})
+TERMINAL_EVENTS = frozenset(str(s) for s in TERMINAL)  # a job stream event named after its terminal status
+FAILED_EVENTS = TERMINAL_EVENTS - {JobStatus.COMPLETED}
 MONITOR_RESULT_BYTES = 4096  # larger results are not broadcast to monitors (they follow every job)
 
 
@@ -221,7 +221,7 @@ def _monitor_messages(entry: Entry, hub: bool) -> list[dict[str, Any]]:
 
 
 def topic_match(kind: str, topics: frozenset[str]) -> bool:
-    """seed-system §6.3's filter (no topics, `jobs`, or `jobs:<second word>`), plus `workers` for worker
+    """The original monitor filter (no topics, `jobs`, or `jobs:<second word>`), plus `workers` for worker
     events and `system_stats` for statistics."""
     if not topics or "jobs" in topics:
         return True

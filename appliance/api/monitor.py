@@ -1,7 +1,7 @@
 """What monitors are shown: the full-state snapshot, `system_stats`, the hub-era `stats_broadcast`, and the
 worker and job details added to `events` stream entries before they are handed out.
 
-Shapes follow reference/monitor-clients.md: workers as an object keyed by worker id with flat capabilities;
+Shapes are the ones the existing monitors read: workers as an object keyed by worker id with flat capabilities;
 jobs in `{pending, active, completed, failed}` buckets with statuses the monitors display (`processing` for
 running jobs, `failed` for anything that ended without success); numeric progress always present. Records are
 decoded by appliance.jobs (public_job, public_worker), so values keep the types they have on every other wire.
@@ -19,7 +19,7 @@ import redis
 from appliance import clock
 from appliance.api.fanout import Entry
 from appliance.api.messages import now as timestamp
-from appliance.jobs import public_job, public_worker
+from appliance.jobs import ACTIVE, JobStatus, public_job, public_worker
 from appliance.keys import Keys
 from appliance.queue import Queue
 
@@ -33,8 +33,9 @@ SUMMARY_FIELDS = ("id", "service_required", "status", "priority", "progress", "w
                   "completed_at", "failed_at", "cancelled_at", "unworkable_at", "retry_at")
 SUMMARY_TEXT_CHARS = 512
 _TEXTS = frozenset({"message", "error", "unworkable_reason", "customer_id", "workflow_id"})
-_BUCKETS = {"pending": ("pending",), "active": ("assigned", "in_progress"), "completed": ("completed",),
-            "failed": ("failed", "cancelled", "timeout", "unworkable")}
+_BUCKETS: dict[str, tuple[str, ...]] = {  # the monitors' four buckets, from JobStatus
+    "pending": (JobStatus.PENDING,), "active": tuple(sorted(ACTIVE)), "completed": (JobStatus.COMPLETED,),
+    "failed": (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT, JobStatus.UNWORKABLE)}
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def monitor_worker(worker: dict[str, Any]) -> dict[str, Any]:
         "total_processing_time": 0,
         "last_heartbeat": worker.get("last_heartbeat"),
         "heartbeat_ttl_s": worker.get("heartbeat_ttl_s", 0),
-        "telemetry": worker.get("telemetry"),  # psutil host figures and its GPU's NVML figures (issue 5)
+        "telemetry": worker.get("telemetry"),  # psutil host figures and its GPU's NVML figures
     }
 
 
@@ -135,7 +136,7 @@ def system_stats(queue: Queue, workers: list[dict[str, Any]] | None = None) -> d
     return {
         "total_jobs": sum(counts.values()),
         "pending_jobs": counts.get("pending", 0),
-        "active_jobs": counts.get("assigned", 0) + counts.get("in_progress", 0),
+        "active_jobs": sum(counts.get(s, 0) for s in _BUCKETS["active"]),
         "completed_jobs": counts.get("completed", 0),
         "failed_jobs": sum(counts.get(s, 0) for s in _BUCKETS["failed"]),
         "total_workers": len(workers),
@@ -170,7 +171,7 @@ def stats_broadcast(queue: Queue, connections: dict[str, list[str]]) -> dict[str
             "last_heartbeat": w.get("last_heartbeat"), "current_job_id": w.get("current_job_id") or None,
         }
     failed = sum(counts.get(s, 0) for s in _BUCKETS["failed"])
-    active = counts.get("assigned", 0) + counts.get("in_progress", 0)
+    active = sum(counts.get(s, 0) for s in _BUCKETS["active"])
     return {
         "type": "stats_broadcast",
         "connections": {"clients": connections.get("client", []), "workers": sorted(by_id),

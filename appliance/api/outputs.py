@@ -6,7 +6,8 @@ from __future__ import annotations
 import falcon
 import orjson
 
-from appliance.api.errors import envelope
+from appliance.api.errors import echo, envelope
+from appliance.errors import shown
 from appliance.outputs import OutputStore
 from appliance.queue import Queue
 
@@ -22,9 +23,9 @@ class JobOutput:
         if found is None:
             resp.status = falcon.HTTP_404
             resp.content_type = falcon.MEDIA_JSON
-            message = (f"No output {name!r} for job {job_id} (it may have expired; the job's result "
+            message = (f"No output {shown(name)} for job {shown(job_id)} (it may have expired; the job's result "
                        "lists its files)")
-            resp.data = orjson.dumps(envelope(message, job_id=job_id, name=name))
+            resp.data = orjson.dumps(envelope(message, job_id=echo(job_id), name=echo(name)))
             return
         resp.content_type = found.content_type
         resp.set_header("Content-Disposition", f'attachment; filename="{found.name}"')
@@ -42,9 +43,9 @@ class JobPreview:
         if found is None:
             resp.status = falcon.HTTP_404
             resp.content_type = falcon.MEDIA_JSON
-            message = (f"No preview for job {job_id} (previews exist while a job runs, if its workflow sends "
+            message = (f"No preview for job {shown(job_id)} (previews exist while a job runs, if its workflow sends "
                        "them; each `preview` event says a new one is there)")
-            resp.data = orjson.dumps(envelope(message, job_id=job_id))
+            resp.data = orjson.dumps(envelope(message, job_id=echo(job_id)))
             return
         resp.content_type = found.content_type
         resp.set_header("Cache-Control", "no-store")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import falcon
@@ -26,6 +26,7 @@ from appliance.errors import JobNotFound, Overloaded, ValidationError, shown
 log = logging.getLogger(__name__)
 
 RETRY_MS = 3000
+SHARED_BYTES = 65536        # an event this large is written from its shared rendering; smaller ones are joined
 CONNECTIONS_RETRY_S = 5     # Retry-After when the process's stream connections are at their limit
 _SHUTDOWN = "shutdown"
 
@@ -84,6 +85,11 @@ class SseConnection:
                 pass
 
     def frames(self, after: str | None) -> Iterator[bytes]:
+        """The response body. With a plain HTTP/1.1 socket (`self.sock`), events go straight to it as chunks
+        that every client of an event shares (no per-client copy, as gunicorn's chunked write would make);
+        else they are yielded to gunicorn. Either way, what is being written counts in the client's queued
+        bytes until it is out, so a client that reads nothing holds at most API_CLIENT_QUEUE_BYTES (or one
+        event) and is closed as too slow when more comes."""
         live, sub = self.live, self.sub
         live.registry.add(self)
         stream = live.queue.keys.progress(self.job_id)
@@ -93,17 +99,20 @@ class SseConnection:
                 "timestamp": clock.iso(clock.now_ms())})
             history: list[Entry] = []
             live.hub.join(sub, stream, after, history.append)
-            replay: list[bytes] = []
-            for entry in history:
-                replay.append(entry.rendered("sse", messages.sse_frame))
-                if entry.event in messages.TERMINAL_EVENTS:
-                    yield b"".join(replay)
+            ends = [i for i, entry in enumerate(history) if entry.event in messages.TERMINAL_EVENTS]
+            ended = bool(ends)
+            if ended:
+                history = history[:ends[0] + 1]
+            if history:
+                for piece in self._pieces(history):
+                    if not (yield from self._out(piece)):
+                        return
+                if ended:
                     return
-            if replay:
-                yield b"".join(replay)
             elif after is not None and live.queue.client.hget(live.queue.keys.job(self.job_id), "status") in \
                     messages.TERMINAL_EVENTS:
                 return  # resumed after the terminal event (EventSource reconnects so): nothing more will come
+            del history
             keepalive = live.settings.sse_keepalive_s
             while True:
                 sub.idle = True
@@ -114,7 +123,6 @@ class SseConnection:
                     yield messages.sse_comment("keepalive")
                     continue
                 sub.idle = False
-                sub.release(item)
                 if sub.overflowed:
                     yield messages.sse_named("error", {"type": "error", "error": sub.overflowed,
                                                        "timestamp": clock.iso(clock.now_ms())})
@@ -125,12 +133,19 @@ class SseConnection:
                         "timestamp": clock.iso(clock.now_ms())})
                     return
                 if isinstance(item, Raw):
-                    if not self._send_raw(item.data):
+                    sent = self._send(item.data, counted=True)
+                    sub.release(item)
+                    if not sent:
                         return
                     continue
-                chunk, done = self._drain(item)
-                if chunk:
-                    yield chunk
+                entries, taken, done = self._drain(item)
+                for queued in taken:         # from here they count as what is being written (once)
+                    sub.release(queued)
+                del taken, item
+                for piece in self._pieces(entries):
+                    if not (yield from self._out(piece)):
+                        return
+                del entries
                 if done:
                     return
         finally:
@@ -138,31 +153,77 @@ class SseConnection:
             live.hub.leave(sub)
             live.registry.remove(self)
 
-    def _send_raw(self, data: bytes) -> bool:
-        """Finish a direct write cut short (already framed as a chunk, so not through gunicorn)."""
+    def _out(self, data: bytes) -> Generator[bytes, None, bool]:
+        """Write `data` (counted in the queued bytes while it goes out): straight to the socket as a chunk, or
+        yielded to gunicorn. Returns False when the connection is gone."""
+        if self.sock is not None:
+            return self._send(data)
+        self.sub.queued_bytes += len(data)
+        try:
+            yield data
+        finally:
+            self.sub.release(len(data))
+        return True
+
+    def _send(self, data: bytes | memoryview, counted: bool = False) -> bool:
+        """Write already chunk-framed bytes to the socket (not through gunicorn), counting them meanwhile unless
+        they already are (a queued Raw rest)."""
         assert self.sock is not None
+        if not counted:
+            self.sub.queued_bytes += len(data)
         try:
             self.sock.sendall(data)
             return True
         except OSError:
             return False
+        finally:
+            if not counted:
+                self.sub.release(len(data))
 
-    def _drain(self, first: Any) -> tuple[bytes, bool]:
-        """`first` and the events queued behind it as one write; True once the terminal event is in."""
-        frames: list[bytes] = []
+    def _pieces(self, entries: list[Entry]) -> Iterator[bytes]:
+        """What to write for `entries`: small frames joined up to SHARED_BYTES, a larger event as its own shared
+        rendering (a chunk when writing to the socket, the frame when yielding to gunicorn)."""
+        kind, render = ("sse-chunk", _chunk_of) if self.sock is not None else ("sse", messages.sse_frame)
+        group: list[bytes] = []
+        size = 0
+        for entry in entries:
+            frame = entry.rendered("sse", messages.sse_frame)
+            if len(frame) >= SHARED_BYTES:
+                if group:
+                    yield self._joined(group)
+                    group, size = [], 0
+                yield entry.rendered(kind, render)
+                continue
+            group.append(frame)
+            size += len(frame)
+            if size >= SHARED_BYTES:
+                yield self._joined(group)
+                group, size = [], 0
+        if group:
+            yield self._joined(group)
+
+    def _joined(self, frames: list[bytes]) -> bytes:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        return _chunk(data) if self.sock is not None else data
+
+    def _drain(self, first: Any) -> tuple[list[Entry], list[Any], bool]:
+        """`first` and the events queued behind it, for one write: their entries (up to the terminal event),
+        the queued items taken (released once written), and whether the terminal event is in."""
+        out: list[Entry] = []
+        taken = [first]
         queue = self.sub.queue
         item = first
         for _ in range(WRITE_BATCH):
             entries = item if isinstance(item, list) else [item] if isinstance(item, Entry) else []
             for entry in entries:
-                frames.append(entry.rendered("sse", messages.sse_frame))
+                out.append(entry)
                 if entry.event in messages.TERMINAL_EVENTS:
-                    return b"".join(frames), True
+                    return out, taken, True
             if queue.empty() or not isinstance(queue.peek_nowait(), (list, Entry)):
                 break
             item = queue.get_nowait()
-            self.sub.release(item)
-        return b"".join(frames), False
+            taken.append(item)
+        return out, taken, False
 
 
 def _chunk(payload: bytes) -> bytes:

@@ -23,7 +23,7 @@ from appliance.api.fanout import Entry, Hub, Raw, Subscriber, direct_result, siz
 from appliance.api.limits import Limits, caller_of
 from appliance.api.tasks import Tasks
 from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket, text_frame
-from appliance.errors import JobFinished, JobNotFound, Overloaded, ValidationError, shown
+from appliance.errors import ECHO_CHARS, JobFinished, JobNotFound, Overloaded, ValidationError, shown
 from appliance.queue import Queue
 from appliance.settings import ApiSettings
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
 WRITE_BATCH = 64           # queued messages sent in one socket write
+JOB_ID_MAX = 64            # a job id a message may name (the API's are 36-character UUIDs)
 _ENVELOPE = frozenset({"type", "id", "message_id", "timestamp", "data"})
 
 
@@ -123,10 +124,8 @@ class Session:
 
     def error(self, error: str, message: dict[str, Any] | None = None, **extra: Any) -> None:
         fields: dict[str, Any] = {"error": error, **extra}
-        if message is not None:
-            for name in ("id", "message_id"):
-                if name in message:
-                    fields["message_id"] = message[name]
+        if message is not None and ("id" in message or "message_id" in message):
+            fields["message_id"] = self.message_id(message)
         self.reply("error", **fields)
 
     def push(self, text: str) -> None:
@@ -145,7 +144,7 @@ class Session:
             if self.sub.overflowed:
                 self.ws.close(POLICY, self.sub.overflowed)
                 return
-            out: list[bytes] = []
+            out: list[bytes | memoryview] = []
             for item in items:
                 if item is None:
                     continue
@@ -239,10 +238,18 @@ class Session:
         value = message.get("job_id")
         if not isinstance(value, str) or not value:
             raise ValidationError("job_id", "required: the id of the job")
+        if len(value) > JOB_ID_MAX:
+            raise ValidationError("job_id", f"expected a job id of at most {JOB_ID_MAX} characters, got "
+                                            f"{shown(value)}")
         return value
 
     def message_id(self, message: dict[str, Any]) -> Any:
-        return message.get("id", message.get("message_id"))
+        """The message's id as replies echo it: a number, or text cut to ECHO_CHARS (never a whole input)."""
+        value = message.get("id", message.get("message_id"))
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        text = value if isinstance(value, str) else shown(value)
+        return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
 
     # -- shared handlers -----------------------------------------------------------------------------------
     def on_submit_job(self, message: dict[str, Any]) -> None:
@@ -280,6 +287,8 @@ class Session:
         if status is None or not self.identity.sees(str(submitted_by or "")):
             raise JobNotFound(job_id)
         self.check_room()
+        if after is not None:
+            after = self.live.hub.clamp(keys.progress(job_id), after)
         self.reply("subscribed", job_id=job_id, message_id=self.message_id(message))
         if after is not None and status in messages.TERMINAL_EVENTS and \
                 not client.xrange(keys.progress(job_id), f"({after}", "+", count=1):

@@ -1,43 +1,9 @@
--- _lib: shared prelude, prepended to every script when it is loaded (no build step).
---
--- Every script receives the same leading KEYS and ARGV, then its own (documented in its header):
--- KEYS[1] jobs:pending         zset  all pending jobs, higher score first
--- KEYS[2] jobs:delayed         zset  jobs waiting for a retry, score = due time (ms)
--- KEYS[3] jobs:leases          zset  jobs held by workers, score = lease deadline (ms)
--- KEYS[4] jobs:index:all       zset  every job, score = sequence number
--- KEYS[5] jobs:expiry          zset  finished jobs, member "id<TAB>status<TAB>service", score = expiry (ms)
--- KEYS[6] events               stream appliance-wide events (for monitors)
--- KEYS[7] jobs:stats           hash  life-time counters
--- KEYS[8] jobs:lease-clock     string Redis's own time (ms) when leases were last judged or renewed (see present)
--- KEYS[9] workers:active       set   registered workers
--- ARGV[1] prefix of job hashes ("job:")            ARGV[2] prefix of progress streams ("progress:")
--- ARGV[3] prefix of status indexes                 ARGV[4] prefix of per-service claim queues
--- ARGV[5] prefix of per-service wake channels      ARGV[6] progress stream MAXLEN (approximate)
--- ARGV[7] events stream MAXLEN (approximate)       ARGV[8] now (epoch ms)   ARGV[9] now (ISO 8601)
--- ARGV[10] retention of completed and cancelled jobs (s)   ARGV[11] retention of failed jobs (s)
--- ARGV[12] prefix of worker hashes ("worker:")   ARGV[13] suffix of a worker's job set (":jobs")
--- ARGV[14] suffix of a worker's heartbeat key (":heartbeat")   ARGV[15] prefix of idle-worker sets
--- ARGV[16] prefix of per-worker wake channels
--- ARGV[17] the caller's lease (ms), for a held job whose holder's lease is not known (see present)
--- ARGV[18] retry backoff base (ms)   ARGV[19] retry backoff cap (ms)   ARGV[20] jitter, a fraction in [0, 1]
--- (see backoff_ms; the caller draws it, so that scripts stay deterministic)
--- Keys named only at run time (the job a claim picks) are built from these prefixes, which come from
--- appliance/keys.py like every other name.
-local K_PENDING, K_DELAYED, K_LEASES, K_INDEX_ALL, K_EXPIRY, K_EVENTS, K_STATS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local K_CLOCK, K_ACTIVE = KEYS[8], KEYS[9]
-local P_JOB, P_PROGRESS, P_STATUS, P_PENDING_SVC, P_WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local PROGRESS_MAXLEN, EVENTS_MAXLEN = ARGV[6], ARGV[7]
-local NOW_MS, NOW_ISO = tonumber(ARGV[8]), ARGV[9]
-local TTL_DONE, TTL_FAILED = tonumber(ARGV[10]), tonumber(ARGV[11])
-local P_WORKER, S_WORKER_JOBS, S_HEARTBEAT = ARGV[12], ARGV[13], ARGV[14]
-local P_IDLE, P_WAKE_WORKER = ARGV[15], ARGV[16]
-local LEASE_MS = tonumber(ARGV[17])
-local RETRY_BASE_MS, RETRY_MAX_MS, JITTER = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
-local FIRST_ARG, FIRST_KEY = 21, 10
-
-local ACTIVE = { assigned = true, in_progress = true }
-local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
+-- _lib: the shared helpers, loaded into every script after the generated prelude (appliance/scripts.py):
+-- the KEYS and ARGV every script receives first are named locals there (PRELUDE_SLOTS: K_PENDING, K_LEASES,
+-- P_JOB, NOW_MS, ...), with the status tables ACTIVE and TERMINAL (from appliance.record.JobStatus). Each
+-- script's own KEYS and ARGV follow, bound to the names its header declares. Keys named only at run time (the
+-- job a claim picks) are built from the prelude's prefixes, which come from appliance/keys.py like every
+-- other name.
 
 -- Running work goes on while Redis is full. At maxmemory (noeviction) Redis refuses a script whose first write
 -- may add memory (HSET, ZADD, XADD, ...) with OOM, but lets a script that has already written run to its end
@@ -364,14 +330,13 @@ local function unoffered(offered_key, service, since_ms)
 end
 
 -- A registered worker's services, as its register or heartbeat reports them: ARGV[at] = n, then n pairs
--- (service, '' when healthy on it or else its health error); KEYS[key_at ..] = workers:offered,
--- workers:serving, workers:unhealthy, then jobs:unoffered:{service} of each service in order. Each counts as
--- offered now; a healthy one as served now (its waiting note cleared); an unhealthy one, unless some worker
--- served it within `fresh_ms`, gets the note of why its jobs wait. A batch (1000) of the unworkable jobs of
--- each goes back in line. Returns the index of the ARGV after the pairs, and how many unworkable jobs are left
--- (for the caller to revive with revive_unworkable).
-local function offer(worker_id, at, key_at, fresh_ms)
-  local offered_key, serving_key, unhealthy_key = KEYS[key_at], KEYS[key_at + 1], KEYS[key_at + 2]
+-- (service, '' when healthy on it or else its health error); KEYS[unoffered_at ..] = jobs:unoffered:{service} of
+-- each service in order. Each counts as offered now (in offered_key, workers:offered); a healthy one as served
+-- now (serving_key, workers:serving; its waiting note in unhealthy_key, workers:unhealthy, cleared); an
+-- unhealthy one, unless some worker served it within `fresh_ms`, gets the note of why its jobs wait. A batch
+-- (1000) of the unworkable jobs of each goes back in line. Returns the index of the ARGV after the pairs, and how
+-- many unworkable jobs are left (for the caller to revive with revive_unworkable).
+local function offer(worker_id, at, offered_key, serving_key, unhealthy_key, unoffered_at, fresh_ms)
   local n, left = tonumber(ARGV[at]), 0
   for i = 1, n do
     local service, err = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
@@ -383,7 +348,7 @@ local function offer(worker_id, at, key_at, fresh_ms)
       redis.call('HSET', unhealthy_key, service,
         "service '" .. service .. "' is configured on " .. worker_id .. ' but unhealthy: ' .. err)
     end
-    local unoffered_key = KEYS[key_at + 2 + i]
+    local unoffered_key = KEYS[unoffered_at + i - 1]
     if redis.call('ZCARD', unoffered_key) > 0 then
       revive(unoffered_key, 'worker ' .. worker_id .. " offers service '" .. service .. "'", 1000)
       left = left + redis.call('ZCARD', unoffered_key)

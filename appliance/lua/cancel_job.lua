@@ -1,6 +1,8 @@
 -- cancel_job: cancel a job at once, whatever state its worker is in.
--- KEYS[10] job:{id}
--- ARGV[21] job id   ARGV[22] cancel channel (workers filter by worker id)   ARGV[23] reason
+-- KEYS job_key          job:{id}
+-- ARGV job_id
+-- ARGV cancel_channel   workers filter its messages by worker id
+-- ARGV reason
 -- A pending job (or one waiting for a retry, or unworkable) leaves every line and ends cancelled. A running one
 -- ends cancelled too, and its worker is fenced: the job leaves its set of held jobs and its lease, so whatever the
 -- worker writes for that attempt later (progress, result, failure) is refused, even from a worker that was frozen
@@ -8,8 +10,6 @@
 -- missed the message learns it at its next heartbeat (the job is reported lost).
 -- Returns {"cancelled"} | {"cancelling", worker_id} (was running) | {"finished", status} | {"not_found"}.
 keep_running_when_full()
-local job_key, job_id = KEYS[FIRST_KEY], ARGV[FIRST_ARG]
-local cancel_channel, reason = ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
 local job = redis.call('HMGET', job_key, 'status', 'seq', 'service_required', 'worker_id', 'queue')
 local status, seq, service, worker_id, queue = job[1], job[2], job[3], job[4], job[5]
 if not status then return { 'not_found' } end

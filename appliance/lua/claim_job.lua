@@ -1,19 +1,19 @@
 -- claim_job: take the best pending jobs this worker serves, atomically, and hold them under a lease.
--- KEYS[10]   jobs:class-version         counter bumped when a requirement class appears or goes
--- KEYS[11..] claim queues                every queue (service, requirement class) the worker can serve
+-- KEYS version_key     jobs:class-version: counter bumped when a requirement class appears or goes
+-- KEYS queues...       claim queues: every queue (service, requirement class) the worker can serve
 -- (the worker's hash and set of held jobs are written through take and busy in _lib, named by prefix)
--- ARGV[21] worker id   ARGV[22] how many jobs to take at most   ARGV[23] lease (ms)
--- ARGV[24..] the worker's services, each marked "+" if its own queue is among KEYS (the worker reads it) or
--- "-" if not: a claim that empties the worker's queues puts it in the idle sets of its "+" services (a job
--- arriving there wakes it, see wake in _lib); any other claim takes it out. A claim that took all it could and
--- left jobs in a service's queue wakes another idle worker for them.
+-- ARGV worker_id
+-- ARGV want:num        how many jobs to take at most
+-- ARGV lease_ms:num    lease (ms)
+-- ARGV services...     the worker's services, each marked "+" if its own queue is among the claim queues (the
+-- worker reads it) or "-" if not: a claim that empties the worker's queues puts it in the idle sets of its "+"
+-- services (a job arriving there wakes it, see wake in _lib); any other claim takes it out. A claim that took
+-- all it could and left jobs in a service's queue wakes another idle worker for them.
 -- Jobs whose lease expired are first recovered (see recover_expired), and due retries in jobs:delayed are
 -- put back in line at their own score. Only the heads of the
 -- worker's own queues are read: pending jobs it cannot serve cost nothing.
 -- Returns {next_due_ms or -1, classes version, job1_fields, job2_fields, ...} where each jobN_fields is
 -- HGETALL's list.
-local worker_id, want, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
-
 keep_running_when_full()
 recover_expired(20)
 promote_due(100)
@@ -25,12 +25,12 @@ local function read_head(i)
   local head = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   heads[i] = head[1] and { head[1], tonumber(head[2]) } or false
 end
-for i = FIRST_KEY + 1, #KEYS do read_head(i) end
+for i = queues_at, #KEYS do read_head(i) end
 
 local claimed, last_id = {}, nil
 while #claimed < want do
   local best = nil
-  for i = FIRST_KEY + 1, #KEYS do
+  for i = queues_at, #KEYS do
     if heads[i] and (best == nil or heads[i][2] > heads[best][2]) then best = i end
   end
   if best == nil then break end
@@ -45,20 +45,20 @@ end
 if last_id then busy(worker_id, last_id) end
 
 local drained = #claimed < want
-for i = FIRST_ARG + 3, #ARGV do
+for i = services_at, #ARGV do
   local service = string.sub(ARGV[i], 2)
   if drained and string.sub(ARGV[i], 1, 1) == '+' then
     redis.call('SADD', P_IDLE .. service, worker_id)
   else
     redis.call('SREM', P_IDLE .. service, worker_id)
     local own = P_PENDING_SVC .. service
-    for q = FIRST_KEY + 1, #KEYS do
+    for q = queues_at, #KEYS do
       if not drained and heads[q] and KEYS[q] == own then wake(service, own) end
     end
   end
 end
 
 local next_due = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-local result = { next_due[2] and tonumber(next_due[2]) or -1, tonumber(redis.call('GET', KEYS[FIRST_KEY]) or 0) }
+local result = { next_due[2] and tonumber(next_due[2]) or -1, tonumber(redis.call('GET', version_key) or 0) }
 for _, job in ipairs(claimed) do result[#result + 1] = job end
 return result

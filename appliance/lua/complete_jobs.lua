@@ -1,15 +1,14 @@
 -- complete_jobs: finish jobs of one worker with their results (each refused unless the worker still holds it).
--- KEYS[10] worker:{id}:jobs   KEYS[11] worker:{id}
--- ARGV[21] worker id, then four per job: ARGV[22] job id  ARGV[23] attempt  ARGV[24] result (JSON)
--- ARGV[25] message, ARGV[26] the next job's id, ...
+-- KEYS jobs_key      worker:{id}:jobs
+-- KEYS worker_key    worker:{id}
+-- ARGV worker_id
+-- ARGV jobs...       four per job: job id, attempt, result (JSON), message
 -- A batch is one call: the worker's hash is updated once for all of them (jobs finishing together).
 -- Idempotent: completing again what this attempt already completed returns ok.
 -- Returns one code per job, in order: "ok", "not_found" or "lost".
 keep_running_when_full()
-local worker_jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
-local worker_id = ARGV[FIRST_ARG]
 local codes, completed, released = {}, 0, 0
-for i = FIRST_ARG + 1, #ARGV, 4 do
+for i = jobs_at, #ARGV, 4 do
   local job_id, attempt, result, message = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local job, why = held(job_id, worker_id, attempt)
   if job then
@@ -27,10 +26,10 @@ for i = FIRST_ARG + 1, #ARGV, 4 do
     local done = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt')
     if done[1] == 'completed' and done[2] == worker_id and done[3] == attempt then why = 'ok' end
   end
-  if why ~= 'not_found' then released = released + redis.call('SREM', worker_jobs_key, job_id) end
+  if why ~= 'not_found' then released = released + redis.call('SREM', jobs_key, job_id) end
   codes[#codes + 1] = why
 end
-if released > 0 then holding(worker_id, worker_key, worker_jobs_key) end
+if released > 0 then holding(worker_id, worker_key, jobs_key) end
 if completed > 0 and redis.call('EXISTS', worker_key) == 1 then
   redis.call('HINCRBY', worker_key, 'total_jobs_completed', completed)
 end

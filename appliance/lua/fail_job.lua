@@ -1,17 +1,20 @@
 -- fail_job: record a failed attempt; retry it later (keeping its priority and place) or end it.
--- KEYS[10] worker:{id}:jobs   KEYS[11] worker:{id}
--- ARGV[21] job id  ARGV[22] worker id  ARGV[23] attempt  ARGV[24] error message
--- ARGV[25] 1 if the failure may be retried, else 0   ARGV[26] terminal status if it ends: failed, timeout, cancelled
--- ARGV[27] error details (JSON text, '' for none): stored as error_details and sent with the event
+-- KEYS jobs_key      worker:{id}:jobs
+-- KEYS worker_key    worker:{id}
+-- ARGV job_id
+-- ARGV worker_id
+-- ARGV attempt
+-- ARGV err           error message
+-- ARGV retryable     1 if the failure may be retried, else 0
+-- ARGV final         terminal status if it ends: failed, timeout, cancelled
+-- ARGV details       error details (JSON text, '' for none): stored as error_details and sent with the event
 -- A retry happens while retry_count < max_retries; it counts one retry, records last_failed_worker and waits
 -- its backoff (backoff_ms in _lib, from the prelude's ARGV) in jobs:delayed, or goes back in line at once when
 -- that is 0. A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"retrying", retry_count, due_ms} or {"ended", status} or {"not_found"} / {"lost"}.
 keep_running_when_full()
-local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
-local err, retryable, final = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4] == '1', ARGV[FIRST_ARG + 5]
-local details = ARGV[FIRST_ARG + 6] or ''
-local jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
+retryable = retryable == '1'
+details = details or ''
 local job, why = held(job_id, worker_id, attempt)
 if not job then
   if why == 'lost' then redis.call('SREM', jobs_key, job_id) end

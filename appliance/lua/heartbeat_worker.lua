@@ -1,12 +1,18 @@
 -- heartbeat_worker: refresh a worker's heartbeat and telemetry, and renew the leases of the jobs it runs.
--- KEYS[10] worker:{id}   KEYS[11] worker:{id}:heartbeat   KEYS[12] worker:{id}:jobs
--- KEYS[13] workers:offered   KEYS[14] workers:serving   KEYS[15] workers:unhealthy
--- KEYS[16..15+m] jobs:unoffered:{service} of each of the worker's m services
--- ARGV[21] worker id   ARGV[22] heartbeat TTL (s)   ARGV[23] lease (ms)   ARGV[24] n, the number of jobs
--- ARGV[25 .. 24+2n] job id, attempt pairs: the jobs this process is running
--- ARGV[25+2n] m, then m service, health error ('' if healthy) pairs: the services it is configured for
--- (refreshed as offered; their unworkable jobs go back in line, a batch per beat: see offer in _lib)
--- then field, value pairs for the worker hash
+-- KEYS worker_key       worker:{id}
+-- KEYS heartbeat_key    worker:{id}:heartbeat
+-- KEYS jobs_key         worker:{id}:jobs
+-- KEYS offered_key      workers:offered
+-- KEYS serving_key      workers:serving
+-- KEYS unhealthy_key    workers:unhealthy
+-- KEYS unoffered...     jobs:unoffered:{service} of each of the worker's m services
+-- ARGV worker_id
+-- ARGV ttl_s:num        heartbeat TTL (s)
+-- ARGV lease_ms:num     lease (ms)
+-- ARGV n:num            the number of jobs this process is running
+-- ARGV running...       n job id, attempt pairs: the jobs this process is running; then m, then m service,
+-- health error ('' if healthy) pairs: the services it is configured for (refreshed as offered; their unworkable
+-- jobs go back in line, a batch per beat: see offer in _lib); then field, value pairs for the worker hash
 -- It runs while Redis is full (keep_running_when_full), and first notes that Redis is there (present: after an
 -- outage every lease is moved on by it, before this worker renews its own).
 -- A job this worker no longer holds (its lease expired and it was recovered, or it was cancelled) is reported
@@ -17,12 +23,10 @@
 -- Returns {"ok", {lost job ids...}, {cancelled job ids...}, {orphan id, attempt, ...}} or {"unknown"} if the
 -- worker record is gone (it must register again).
 keep_running_when_full()
-local worker_key, heartbeat_key, jobs_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY + 2]
-local worker_id, ttl_s, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
-local n = tonumber(ARGV[FIRST_ARG + 3])
 if redis.call('EXISTS', worker_key) == 0 then return { 'unknown' } end
 present()
-local after = offer(worker_id, FIRST_ARG + 4 + 2 * n, FIRST_KEY + 3, ttl_s * 1000)
+local after = offer(worker_id, running_at + 2 * n, offered_key, serving_key, unhealthy_key, unoffered_at,
+  ttl_s * 1000)
 local fields = {}
 for i = after, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, 'last_heartbeat_ms', NOW_MS, unpack(fields))
@@ -31,7 +35,7 @@ redis.call('SADD', K_ACTIVE, worker_id)
 local ORPHAN_MS = 5000
 local lost, cancel, orphans, reported = {}, {}, {}, {}
 for i = 1, n do
-  local job_id, attempt = ARGV[FIRST_ARG + 2 + 2 * i], ARGV[FIRST_ARG + 3 + 2 * i]
+  local job_id, attempt = ARGV[running_at + 2 * i - 2], ARGV[running_at + 2 * i - 1]
   reported[job_id] = true
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'cancel_requested')
   if ACTIVE[job[1]] and job[2] == worker_id and job[3] == attempt then

@@ -1,20 +1,18 @@
 -- mark_unworkable: move the pending jobs of a claim queue that no registered worker can serve out of line,
 -- with status `unworkable` and the reason (they return with revive_unworkable): the queue of a requirement
 -- class nobody can serve, or a queue of a service nobody offered lately.
--- KEYS[10] the claim queue         zset jobs:pending:{service}:req:{class id} or jobs:pending:{service}
--- KEYS[11] the unworkable jobs     zset jobs:unworkable:{class id} or jobs:unoffered:{service}, same scores
--- for a service nobody offered only:
--- KEYS[12] workers:offered         zset service -> when a worker last offered it (ms)
--- ARGV[FIRST_ARG] reason ('' with KEYS[12]: it names the services offered)
--- ARGV[FIRST_ARG + 1] at most this many jobs per call
--- with KEYS[12] only: ARGV[FIRST_ARG + 2] the service   ARGV[FIRST_ARG + 3] offered window (ms)
--- With KEYS[12], nothing is marked if the service was offered within the window (a worker registered since
+-- KEYS queue_key        the claim queue: zset jobs:pending:{service}:req:{class id} or jobs:pending:{service}
+-- KEYS unworkable_key   zset jobs:unworkable:{class id} or jobs:unoffered:{service}, same scores
+-- KEYS offered_key?     (a service nobody offered only) workers:offered: service -> when last offered (ms)
+-- ARGV reason           ('' with offered_key: it names the services offered)
+-- ARGV limit:num        at most this many jobs per call
+-- ARGV service?         (with offered_key only) the service
+-- ARGV window_ms?       (with offered_key only) offered window (ms)
+-- With offered_key, nothing is marked if the service was offered within the window (a worker registered since
 -- the caller looked). Members of the queue that are no longer pending are only removed from it.
 -- Returns {jobs marked, jobs still in the queue} ({0, 0} when the service is offered).
-local queue_key, unworkable_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
-local reason, limit = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1])
-if KEYS[FIRST_KEY + 2] then
-  reason = unoffered(KEYS[FIRST_KEY + 2], ARGV[FIRST_ARG + 2], NOW_MS - tonumber(ARGV[FIRST_ARG + 3]))
+if offered_key then
+  reason = unoffered(offered_key, service, NOW_MS - tonumber(window_ms))
   if not reason then return { 0, 0 } end
 end
 local heads = redis.call('ZREVRANGE', queue_key, 0, limit - 1, 'WITHSCORES')

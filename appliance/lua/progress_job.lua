@@ -1,16 +1,18 @@
 -- progress_job: record one progress step of a running job (refused unless the caller still holds it).
--- KEYS[10] worker:{id}:jobs
--- ARGV[21] job id  ARGV[22] worker id  ARGV[23] attempt  ARGV[24] percent (0..100)  ARGV[25] message
--- ARGV[26] current step  ARGV[27] total steps
+-- KEYS jobs_key    worker:{id}:jobs
+-- ARGV job_id
+-- ARGV worker_id
+-- ARGV attempt
+-- ARGV percent     0..100
+-- ARGV message
+-- ARGV step        current step
+-- ARGV total       total steps
 -- The first step moves the job from assigned to in_progress (with its own "in_progress" event).
 -- Returns {"ok", stream entry id} or {"not_found"} / {"lost"}.
 keep_running_when_full()
-local job_id, worker_id, attempt = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2]
-local percent, message = ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
-local step, total = ARGV[FIRST_ARG + 5], ARGV[FIRST_ARG + 6]
 local job, why = held(job_id, worker_id, attempt)
 if not job then
-  if why == 'lost' then redis.call('SREM', KEYS[FIRST_KEY], job_id) end
+  if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
   return { why }
 end
 if job.status == 'assigned' then

@@ -1,18 +1,17 @@
 -- prune_classes: forget requirement classes nobody submitted to for a while and whose jobs are all gone, so
 -- that classes (one per requirements and customer) do not pile up and slow every worker's claims.
--- KEYS[10] jobs:class-used   KEYS[11] jobs:class-version
--- ARGV[21] idle time (ms) after the last submit   ARGV[22] most classes to look at in this call
--- ARGV[23] prefix of class records ("jobs:class:")   ARGV[24] prefix of a service's class set ("jobs:classes:")
--- ARGV[25] prefix of a class's unworkable jobs ("jobs:unworkable:")
--- ARGV[26] prefix of a service's jobs no worker offered ("jobs:unoffered:")
+-- KEYS used_key          jobs:class-used
+-- KEYS version_key       jobs:class-version
+-- ARGV idle_ms:num       idle time (ms) after the last submit
+-- ARGV limit:num         most classes to look at in this call
+-- ARGV p_class           prefix of class records ("jobs:class:")
+-- ARGV p_classes         prefix of a service's class set ("jobs:classes:")
+-- ARGV p_unworkable      prefix of a class's unworkable jobs ("jobs:unworkable:")
+-- ARGV p_unoffered       prefix of a service's jobs no worker offered ("jobs:unoffered:")
 -- A class with jobs still waiting (in its queue, unworkable, for a retry) or running is kept, and looked at
 -- again after another idle time; so is any class of a service with jobs waiting for a worker to offer it
 -- (they go back to their class's queue). A later submit records the class again (submit_job), so forgetting one never strands a job.
 -- Returns how many classes were forgotten (the version is bumped once if any were).
-local used_key, version_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
-local idle_ms, limit = tonumber(ARGV[FIRST_ARG]), tonumber(ARGV[FIRST_ARG + 1])
-local p_class, p_classes, p_unworkable = ARGV[FIRST_ARG + 2], ARGV[FIRST_ARG + 3], ARGV[FIRST_ARG + 4]
-local p_unoffered = ARGV[FIRST_ARG + 5]
 local idle = redis.call('ZRANGEBYSCORE', used_key, '-inf', NOW_MS - idle_ms, 'LIMIT', 0, limit)
 -- The claim queues of jobs that are running or waiting for a retry: such a job goes back to its class's
 -- queue, which must still be known then.

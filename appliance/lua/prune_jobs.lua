@@ -1,8 +1,8 @@
 -- prune_jobs: drop finished jobs whose retention ran out from the listing indexes.
 -- (Their hash and stream expire by themselves; this keeps index counts exact.)
--- ARGV[21] most entries to prune in this call   ARGV[22] prefix of per-service listing indexes
+-- ARGV limit:num     most entries to prune in this call
+-- ARGV p_service     prefix of per-service listing indexes
 -- Returns the number pruned.
-local limit, p_service = tonumber(ARGV[FIRST_ARG]), ARGV[FIRST_ARG + 1]
 local gone = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', NOW_MS, 'LIMIT', 0, limit)
 for _, member in ipairs(gone) do
   local job_id, status, service = string.match(member, '^([^\t]*)\t([^\t]*)\t(.*)$')

@@ -1,28 +1,31 @@
 -- register_worker: record a worker and its capabilities, mark it active and start its heartbeat.
--- KEYS[10] worker:{id}   KEYS[11] worker:{id}:heartbeat   KEYS[12] worker:{id}:jobs
--- KEYS[13] workers:offered   KEYS[14] workers:serving   KEYS[15] workers:unhealthy
--- KEYS[16..15+n] jobs:unoffered:{service} of each of the worker's n services
--- ARGV[21] worker id   ARGV[22] heartbeat TTL (s)   ARGV[23] lease of its jobs (ms)
--- ARGV[24] r, then r job id, attempt pairs: the jobs this process runs (a process registering again after its
--- record was lost, e.g. it was retired while frozen; none at its start)
--- then n, then n service, health error ('' if healthy) pairs: the services it is configured for
--- then field, value pairs for the worker hash
+-- KEYS worker_key       worker:{id}
+-- KEYS heartbeat_key    worker:{id}:heartbeat
+-- KEYS jobs_key         worker:{id}:jobs
+-- KEYS offered_key      workers:offered
+-- KEYS serving_key      workers:serving
+-- KEYS unhealthy_key    workers:unhealthy
+-- KEYS unoffered...     jobs:unoffered:{service} of each of the worker's m services
+-- ARGV worker_id
+-- ARGV ttl_s:num        heartbeat TTL (s)
+-- ARGV lease_ms:num     lease of its jobs (ms)
+-- ARGV n:num            the number of jobs this process runs (a process registering again after its record was
+-- lost, e.g. it was retired while frozen; 0 at its start)
+-- ARGV running...       n job id, attempt pairs: those jobs; then m, then m service, health error ('' if
+-- healthy) pairs: the services it is configured for; then field, value pairs for the worker hash
 -- Jobs still held under this worker id that this process does not run belong to an earlier process with the same
 -- id that died (a restarted worker): they are recovered at once, like any lost worker's (a retry counted, after
 -- its backoff), instead of waiting for their lease. The jobs it runs and still holds stay its own.
 -- Its services count as offered now, and their unworkable jobs go back in line (see offer in _lib).
 -- Returns {"ok", jobs recovered, unworkable jobs of its services left (to revive with revive_unworkable)}.
 keep_running_when_full()
-local worker_key, heartbeat_key, jobs_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1], KEYS[FIRST_KEY + 2]
-local worker_id, ttl_s, lease_ms = ARGV[FIRST_ARG], tonumber(ARGV[FIRST_ARG + 1]), tonumber(ARGV[FIRST_ARG + 2])
-local r = tonumber(ARGV[FIRST_ARG + 3])
-local offers_at = FIRST_ARG + 4 + 2 * r
+local offers_at = running_at + 2 * n
 local fields = {}
 for i = offers_at + 1 + 2 * tonumber(ARGV[offers_at]), #ARGV do fields[#fields + 1] = ARGV[i] end
 local running, candidates = {}, {}
-for i = 1, r do
-  local job_id = ARGV[FIRST_ARG + 2 + 2 * i]
-  running[job_id] = ARGV[FIRST_ARG + 3 + 2 * i]
+for i = 1, n do
+  local job_id = ARGV[running_at + 2 * i - 2]
+  running[job_id] = ARGV[running_at + 2 * i - 1]
   candidates[#candidates + 1] = job_id
 end
 for _, job_id in ipairs(redis.call('SMEMBERS', jobs_key)) do
@@ -54,5 +57,5 @@ for _, job_id in ipairs(kept) do
   redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
 end
 if #kept > 0 then busy(worker_id, kept[#kept]) end
-local _, left = offer(worker_id, offers_at, FIRST_KEY + 3, ttl_s * 1000)
+local _, left = offer(worker_id, offers_at, offered_key, serving_key, unhealthy_key, unoffered_at, ttl_s * 1000)
 return { 'ok', orphans, left }

@@ -1,13 +1,14 @@
 -- release_job: hand a held job back to the queue at its priority and place, without counting a retry
 -- (a worker draining on shutdown, or giving back a job it was handed but will not run).
--- KEYS[10] worker:{id}:jobs   KEYS[11] worker:{id}
--- ARGV[21] job id  ARGV[22] worker id  ARGV[23] attempt  ARGV[24] reason
+-- KEYS jobs_key      worker:{id}:jobs
+-- KEYS worker_key    worker:{id}
+-- ARGV job_id
+-- ARGV worker_id
+-- ARGV attempt
+-- ARGV reason
 -- A job whose cancel was requested meanwhile ends cancelled instead.
 -- Returns {"ok"}, {"cancelled"} or {"not_found"} / {"lost"}.
 keep_running_when_full()
-local job_id, worker_id, attempt, reason = ARGV[FIRST_ARG], ARGV[FIRST_ARG + 1], ARGV[FIRST_ARG + 2],
-  ARGV[FIRST_ARG + 3]
-local jobs_key, worker_key = KEYS[FIRST_KEY], KEYS[FIRST_KEY + 1]
 local job, why = held(job_id, worker_id, attempt)
 if not job then
   if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
