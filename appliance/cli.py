@@ -411,7 +411,21 @@ def cmd_ctl(env: dict[str, str], args: argparse.Namespace) -> int:
     return subprocess.run(cmd, env={**os.environ, "APPLIANCE_RUN_DIR": str(paths.run_dir)}).returncode
 
 
+PASSTHROUGH = ("redis-cli", "ctl")  # commands whose arguments go to another program as they are
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """The arguments argparse reads, and those after `redis-cli` or `ctl` (None for other commands), which go
+    to that program untouched: argparse would take `--scan` or `--raw` for options of its own. A leading `--` is
+    dropped (`bin/appliance redis-cli -- --help`)."""
+    if argv and argv[0] in PASSTHROUGH:
+        rest = argv[1:]
+        return argv[:1], rest[1:] if rest[:1] == ["--"] else rest
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, passed = split_passthrough(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(prog="bin/appliance", description="Run the GPU job appliance.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("start", help="start redis (embedded unless REDIS_URL answers), the api and the workers; on a "
@@ -433,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "folder), e.g. `bin/appliance redis-cli ZREVRANGE jobs:pending 0 -1`")
     cli.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if passed is not None:
+        args.argv = passed
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `bin/appliance status | head` ends quietly
     commands = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
                 "logs": cmd_logs, "ctl": cmd_ctl, "drill": cmd_drill, "redis-cli": cmd_redis_cli}

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from appliance import comfyui_host
 from appliance.comfyui_host import ComfyUIHostSettings, ComfyUIPlan
 from appliance.connector import connector_settings
+from appliance.retry import STOP_MARGIN_S
 from appliance.runtime import (
     HOME,
     Paths,
@@ -121,7 +122,7 @@ def configure(env: Mapping[str, str], paths: Paths, running: bool) -> Configured
     texts = {"appliance.conf": core_conf(redis_command, api.graceful_timeout_s + 5, api_env,
                                          {"REDIS_MAXMEMORY": str(maxmemory)}),
              "comfyui.conf": comfyui_host.conf(comfyui_plan.programs, comfyui.directory),
-             "workers.conf": workers_conf(workers.programs, worker.drain_seconds + 15, worker_env)}
+             "workers.conf": workers_conf(workers.programs, worker.drain_seconds + STOP_MARGIN_S, worker_env)}
     return Configured(plan, api_url(env), workers, texts, recorded_env, api, comfyui_plan,
                       redis_conf(plan.password) if plan.embedded else "")
 

@@ -25,6 +25,13 @@ from redis.exceptions import AuthenticationError, OutOfMemoryError, ReadOnlyErro
 # ("Error running script (call to f_…): @user_script:12: -OOM command not allowed …").
 OUTAGE_CODES = ("LOADING", "READONLY", "MASTERDOWN", "MISCONF", "OOM", "TRYAGAIN")
 WAIT_FIRST_S = 0.1
+# A worker told to stop drains for WORKER_DRAIN_SECONDS, and holds the outcomes that wait for Redis until this
+# much later (less the time it keeps to exit): supervisord's stopwaitsecs for workers is drain + STOP_MARGIN_S,
+# so a worker delivers what it can and exits before supervisord would SIGKILL it.
+STOP_MARGIN_S = 15
+# A worker that ends on an error that is not an outage waits this long before it exits, so that supervisord
+# counts it as started (startsecs) and keeps starting it again, a few seconds apart, until the cause is fixed.
+ERROR_PAUSE_S = 5.0
 
 
 def is_outage(exc: BaseException) -> bool:

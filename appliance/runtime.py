@@ -76,6 +76,8 @@ class Paths:
         for folder in (self.run_dir, self.logs, self.redis_data, self.conf_d):
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o700)
+        # supervisord opens its log before its umask applies (0644): made here first, private
+        os.close(os.open(self.logs / "supervisord.log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
         paths = [p for folder in (self.logs, self.redis_data, self.conf_d) for p in folder.rglob("*")]
         paths += [self.redis_password, self.redis_conf, self.settings, self.run_dir / "appliance.json", self.pidfile]
         for path in paths:
@@ -447,9 +449,10 @@ def workers_conf(programs: list[WorkerProgram], stopwait_s: int, settings: Mappi
             env,
             "autorestart=true",
             "priority=30",
-            "startsecs=1",
+            "startsecs=1                     ; a worker failing on an error waits 5 s before it exits: started",
+            "startretries=10                 ; then started again at once, as long as the cause lasts",
             "stopsignal=TERM                 ; drain: finish or hand back running jobs",
-            f"stopwaitsecs={stopwait_s}",
+            f"stopwaitsecs={stopwait_s}                 ; the drain, then outcomes held for Redis (see the worker)",
         ])
     if programs:
         lines += ["", "[group:workers]", "programs=" + ",".join(p.name for p in programs),

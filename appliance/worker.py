@@ -33,7 +33,7 @@ from appliance.connector import Connector, ConnectorError, JobContext, JobStoppe
 from appliance.errors import JobLost, JobNotFound
 from appliance.keys import Keys
 from appliance.outputs import OutputStore
-from appliance.retry import is_outage, outage_waits
+from appliance.retry import STOP_MARGIN_S, is_outage, outage_waits
 from appliance.scripts import Claimed, Completion, Scripts
 from appliance.settings import WorkerSettings
 from appliance.telemetry import HostSampler
@@ -43,6 +43,7 @@ T = TypeVar("T")
 STOP_GRACE_S = 5.0
 BACKLOG_MAX = 100
 DEREGISTER_WAIT_S = 10.0     # how long a stopping worker waits out an outage to deregister
+EXIT_RESERVE_S = 3.0         # of supervisord's stopwaitsecs, kept for deregistering and exiting
 OUTAGE_LOG_EVERY_S = 10.0    # while Redis is away, how often each waiting call says so again
 ERROR_DETAILS_MAX_BYTES = 64 * 1024  # a failure's connector details, as JSON, stored at most this long
 
@@ -63,6 +64,7 @@ class Running:
     progress_at: float = float("-inf")             # time.monotonic() when progress_tokens was counted
     progress_tokens: float = 0.0                   # progress writes it may make now (a token bucket)
     flush_later: gevent.Greenlet | None = None     # writes a step held back by WORKER_PROGRESS_MAX_PER_SECOND
+    finished: bool = False                         # the connector's run is over: only its outcome is left to record
 
 
 class Worker:
@@ -99,6 +101,7 @@ class Worker:
         self._completions_ready = gevent.event.Event()
         self._reporter: gevent.Greenlet | None = None
         self._term_count = 0
+        self._stop_by: float | None = None  # time.monotonic() by which a stopping worker exits (see _drain)
         self._fatal: BaseException | None = None
         # outages are retried often enough that a holder renews its leases within a sixth of a lease of Redis's
         # return (see present in appliance/lua/_lib.lua)
@@ -216,11 +219,25 @@ class Worker:
         """SIGTERM: the first stops claiming and drains; the second hands back running jobs at once."""
         self._term_count += 1
         self.draining = True
+        self.stop_deadline()
         self._wake.set()
         if self._term_count > 1:
-            log.warning("second stop signal: handing back %d running jobs now", len(self.running))
-            for job in list(self.running.values()):
+            unfinished = self._unfinished()
+            log.warning("second stop signal: handing back %d running jobs now", len(unfinished))
+            for job in unfinished:
                 job.context.stop("shutdown")
+
+    def stop_deadline(self) -> float:
+        """When (time.monotonic()) a stopping worker exits, whatever it still holds: WORKER_DRAIN_SECONDS plus
+        STOP_MARGIN_S after the stop signal (supervisord's stopwaitsecs, bin/appliance writes it so), less
+        EXIT_RESERVE_S to deregister and exit before supervisord would SIGKILL it."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self.settings.drain_seconds + STOP_MARGIN_S - EXIT_RESERVE_S
+        return self._stop_by
+
+    def _unfinished(self) -> list[Running]:
+        """The jobs whose connector still runs (a finished one only has its outcome left to record)."""
+        return [job for job in self.running.values() if not job.finished]
 
     def _leaving(self) -> bool:
         return self.draining or self._fatal is not None
@@ -229,6 +246,8 @@ class Worker:
         """Remove the worker's record: after a clean stop, waiting out an outage for up to DEREGISTER_WAIT_S;
         after an error, one try (its jobs are recovered when a worker with this id registers again)."""
         deadline = time.monotonic() + DEREGISTER_WAIT_S
+        if self._stop_by is not None:
+            deadline = min(deadline, self._stop_by)
         try:
             if self._fatal is not None:
                 self.scripts.deregister_worker(self.id)
@@ -247,21 +266,34 @@ class Worker:
                         give_up=lambda: True)
         except Stopping:
             pass  # Redis is away: a wake-up for this worker skips it once it stops listening
-        if self.running:
+        stop_by = self.stop_deadline()
+        if self._unfinished():
             log.info("draining: waiting up to %ds for %d running jobs", self.settings.drain_seconds,
-                     len(self.running))
+                     len(self._unfinished()))
         deadline = gevent.get_hub().loop.now() + self.settings.drain_seconds
-        while self.running and gevent.get_hub().loop.now() < deadline and self._fatal is None:
-            if all(job.context.stop_reason == "shutdown" for job in self.running.values()):
+        while self._unfinished() and gevent.get_hub().loop.now() < deadline and self._fatal is None:
+            if all(job.context.stop_reason == "shutdown" for job in self._unfinished()):
                 break
             self._wake.clear()
             self._wake.wait(0.2)
-        for job in list(self.running.values()):
+        for job in self._unfinished():
             job.context.stop("shutdown")
+        # What is left records its outcome or hands its job back, waiting out an outage: a finished job's outcome
+        # is held as long as supervisord lets the worker live (stop_deadline), then the worker exits anyway.
+        held = [job for job in self.running.values() if job.finished]
+        if held:
+            log.info("draining: %d finished jobs wait to record their outcome (Redis unavailable?); holding them "
+                     "for up to %.0fs", len(held), max(0.0, stop_by - time.monotonic()))
         for job in list(self.running.values()):
             if job.greenlet is not None:
-                job.greenlet.join(STOP_GRACE_S + 2)
-        gevent.joinall(self._giving_back, timeout=STOP_GRACE_S)
+                job.greenlet.join(max(0.0, stop_by - time.monotonic()))
+        gevent.joinall(self._giving_back, timeout=max(0.0, stop_by - time.monotonic()))
+        left = len(self.running) + sum(1 for g in self._giving_back if not g.dead)
+        if left:
+            log.warning("exiting with %d job outcomes or hand-backs not recorded: Redis stayed unavailable until "
+                        "the stop deadline (WORKER_DRAIN_SECONDS + %ds after the stop signal, within supervisord's "
+                        "stopwaitsecs); their jobs are recovered when their leases run out (a retry counted)",
+                        left, STOP_MARGIN_S)
 
     # -- claiming -------------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -359,6 +391,8 @@ class Worker:
     def _record(self, job: Running, runner: gevent.Greenlet) -> None:
         context, claimed = job.context, job.claimed
         job_id, attempt = claimed.id, claimed.attempt
+        job.finished = True  # a drain no longer waits for it: only its outcome is left (see _drain)
+        self._wake.set()
         reason = context.stop_reason
         outcome = runner.value if runner.successful() and isinstance(runner.value, Outcome) else \
             Outcome(error=JobStopped("the connector's run was stopped"))

@@ -25,12 +25,16 @@ monkey.patch_all()
 import logging
 import os
 import sys
+import time
 import xmlrpc.client
 from typing import Any
+
+import gevent
 
 from appliance.connector import connector_settings, load_connectors
 from appliance.logs import setup_logging
 from appliance.redis_conn import connect
+from appliance.retry import ERROR_PAUSE_S
 from appliance.settings import SettingsError, WorkerSettings
 from appliance.worker import Worker
 
@@ -74,7 +78,16 @@ def main() -> int:
                     "WORKER_CONNECTORS", ",".join(missing))
     client = connect(settings.queue.redis_url, max_connections=settings.max_concurrent_jobs + 8)
     listener = connect(settings.queue.redis_url, blocking=True, max_connections=2)
-    return Worker(settings, client, listener, connectors).run(lambda: stop_requested(settings))
+    worker = Worker(settings, client, listener, connectors)
+    code = worker.run(lambda: stop_requested(settings))
+    if code == 1 and not worker.draining:
+        # past supervisord's startsecs, so that it starts the worker again however often this happens, and the
+        # log shows one restart every few seconds rather than a burst that ends in FATAL
+        log.info("exiting in %.0fs; supervisord starts the worker again", ERROR_PAUSE_S)
+        deadline = time.monotonic() + ERROR_PAUSE_S
+        while not worker.draining and time.monotonic() < deadline:
+            gevent.sleep(0.2)
+    return code
 
 
 if __name__ == "__main__":

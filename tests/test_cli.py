@@ -251,3 +251,24 @@ def check_security(app: PrivateAppliance, cli: Any) -> None:
     assert "token=***" in logs and "API keys required" in logs
     for secret in (KEY, ADMIN, app.redis_password):
         assert secret not in logs
+
+
+def test_redis_cli_and_ctl_pass_every_argument_through() -> None:
+    """`bin/appliance redis-cli --scan --pattern 'job:*'`: argparse would take `--scan` for an option of its own."""
+    from appliance.cli import split_passthrough
+
+    assert split_passthrough(["redis-cli", "--scan", "--pattern", "job:*"]) == (
+        ["redis-cli"], ["--scan", "--pattern", "job:*"])
+    assert split_passthrough(["redis-cli", "--raw", "GET", "x"]) == (["redis-cli"], ["--raw", "GET", "x"])
+    assert split_passthrough(["redis-cli", "--", "--help"]) == (["redis-cli"], ["--help"])
+    assert split_passthrough(["ctl", "tail", "-f", "api"]) == (["ctl"], ["tail", "-f", "api"])
+    assert split_passthrough(["logs", "-n", "5"]) == (["logs", "-n", "5"], None)
+
+
+def test_workers_keep_being_started_while_an_error_lasts() -> None:
+    """A worker that ends on an error waits past startsecs before it exits (appliance/worker_process.py), and
+    supervisord tries again: a bug that is fixed heals without anyone starting a FATAL worker by hand."""
+    from appliance.runtime import WorkerProgram, workers_conf
+
+    text = workers_conf([WorkerProgram("worker1", "worker1", {})], 45)
+    assert "startretries=" in text and "stopwaitsecs=45" in text

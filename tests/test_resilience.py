@@ -285,6 +285,65 @@ def test_a_redis_stop_longer_than_the_lease_loses_no_finished_work(env_base: dic
                 assert "retrying" not in [f["event"] for _, f in stream(client, queue, job_id)]
         assert all(p.proc.poll() is None for p in procs.values()), "no worker crashed"
         assert sorted(queue.worker_ids()) == ["wx", "wy"]
+        # the outage outlasted the heartbeat TTL (3 s here): only the worker that died is reported lost
+        gone = {f["worker_id"] for _, f in client.xrange(queue.keys.events) if f["event"] == "worker_disconnected"}
+        assert gone <= {"wz"}
+
+
+@pytest.mark.slow
+def test_a_frozen_redis_loses_no_finished_work_and_reports_no_worker_lost(env_base: dict[str, str],
+                                                                          own_redis: RedisServer) -> None:
+    """Redis frozen (SIGSTOP) for 11 s, over 3 leases and longer than the heartbeat TTL, while jobs run: the calls
+    that waited in its input (beats, claims, recoveries, outcomes, each with the clock of its sending, some sent
+    after the clients' 5 s timeout on new connections) run late when it resumes. Every job ends completed with
+    no retry counted, and no worker is reported lost."""
+    env = {**env_base, "REDIS_URL": own_redis.url, "HUB_REDIS_URL": own_redis.url}
+    client = connect(own_redis.url)
+    queue = Queue(client, QueueSettings(redis_url=own_redis.url))
+    assert own_redis.proc is not None
+    settings = {**FAST, "WORKER_LEASE_MS": "3000", "WORKER_MAX_CONCURRENT_JOBS": "2"}
+    with running_api(env), workers(env, "wf1", "wf2", "wf3", **settings) as procs:
+        wait_for(lambda: len(queue.worker_ids()) == 3, what="three workers")
+        jobs = [submit(queue, 3000, max_retries=0) for _ in range(4)]
+        wait_for(lambda: all(status(queue, j) == "in_progress" for j in jobs), 15, "the jobs to run")
+        own_redis.proc.signal(signal.SIGSTOP)
+        try:
+            time.sleep(11)  # every running connector finishes meanwhile
+        finally:
+            own_redis.proc.signal(signal.SIGCONT)
+        wait_for(lambda: all(status(queue, j) == "completed" for j in jobs), 30, "every job to complete")
+        for job_id in jobs:
+            assert terminal_events(client, queue, job_id) == ["completed"]
+            assert (queue.get(job_id) or {})["retry_count"] == 0, stream(client, queue, job_id)
+        gone = [f for _, f in client.xrange(queue.keys.events) if f["event"] == "worker_disconnected"]
+        assert gone == []
+        assert all(p.proc.poll() is None for p in procs.values()), "no worker crashed"
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_during_an_outage_records_its_finished_job(env_base: dict[str, str],
+                                                                    own_redis: RedisServer) -> None:
+    """Redis stopped while a job runs; its connector finishes (its outcome held), then the worker is told to stop
+    and Redis comes back only after the drain (2 s here) and what a stopping worker used to wait for a job: the
+    finished job is not taken for a running one, its outcome is held as long as supervisord lets the worker live
+    (drain + STOP_MARGIN_S), so it ends completed with no retry, and the worker exits 0."""
+    env = {**env_base, "REDIS_URL": own_redis.url, "HUB_REDIS_URL": own_redis.url}
+    client = connect(own_redis.url)
+    queue = Queue(client, QueueSettings(redis_url=own_redis.url))
+    with workers(env, "wd", **FAST, WORKER_DRAIN_SECONDS="2") as procs:
+        wait_for(lambda: queue.worker_ids() == ["wd"], what="the worker")
+        job_id = submit(queue, 1000, max_retries=0)
+        wait_for(lambda: status(queue, job_id) == "in_progress", 15, "the job to run")
+        own_redis.stop()
+        time.sleep(2)  # the connector finishes: its progress and outcome are held
+        procs["wd"].signal(signal.SIGTERM)
+        time.sleep(9.5)
+        own_redis.start()
+        wait_for(lambda: procs["wd"].proc.poll() is not None, 20, "the worker to exit")
+        assert procs["wd"].proc.returncode == 0
+        job = queue.get(job_id) or {}
+        assert job["status"] == "completed" and job["retry_count"] == 0, stream(client, queue, job_id)
+        assert queue.worker_ids() == []
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import redis
 from appliance import clock
 from appliance.api import render
 from appliance.errors import ECHO_CHARS, JobExists, JobFinished, JobNotFound, Overloaded, ValidationError, shown
+from appliance.retry import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ def handle_exists(req: falcon.Request, resp: falcon.Response, exc: JobExists, pa
 
 
 def handle_redis(req: falcon.Request, resp: falcon.Response, exc: redis.RedisError, params: Any) -> None:
+    """An outage (appliance.retry.is_outage: unreachable, timing out, loading, read-only, ...) is a 503 the caller
+    may retry; any other Redis error (a script failing, a key of the wrong type) is a bug or a misconfiguration:
+    a 500 naming it, logged with its traceback."""
+    if not is_outage(exc):
+        log.error("Redis error on %s %s (not an outage)", req.method, req.path, exc_info=exc)
+        _respond(resp, falcon.HTTP_500, f"internal error: Redis refused the operation ({clip(str(exc), 200)}); "
+                                        "see the api log (bin/appliance logs api)")
+        return
     log.warning("Redis error on %s %s: %s", req.method, req.path, exc)
     _respond(resp, falcon.HTTP_503, "Redis is not reachable; the job queue is unavailable. Check the redis "
                                     "program (bin/appliance status) and REDIS_URL, then retry.")

@@ -12,6 +12,7 @@ import redis
 
 from appliance.api.periodic import Periodic
 from appliance.queue import Queue
+from appliance.retry import is_outage
 
 log = logging.getLogger(__name__)
 PRUNE_SUBMITTED_TICKS = 150  # every 5 minutes at the default interval
@@ -36,8 +37,11 @@ class Janitor(Periodic):
     def chore(self, what: str, run: Callable[[], object]) -> None:
         try:
             run()
-        except redis.RedisError:
-            raise                       # Redis is away: the whole tick is skipped (Periodic)
+        except redis.RedisError as exc:
+            if is_outage(exc):
+                raise                   # Redis is away: the whole tick is skipped (Periodic)
+            self.note_error(exc)        # a script failing (a key of the wrong type): the other chores go on
+            log.exception("janitor: %s failed; the other chores go on", what)
         except Exception as exc:
             self.note_error(exc)
             log.exception("janitor: %s failed; the other chores go on", what)

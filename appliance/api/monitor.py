@@ -31,6 +31,11 @@ SUMMARY_FIELDS = ("id", "service_required", "status", "priority", "progress", "w
                   "attempt", "current_step", "total_steps", "timeout_seconds", "workflow_id", "workflow_priority",
                   "workflow_datetime", "step_number", "created_at", "updated_at", "assigned_at", "started_at",
                   "completed_at", "failed_at", "cancelled_at", "unworkable_at", "retry_at")
+# What a job's `job_submitted` summary shows: the fields its submit wrote, as they were then (status pending, no
+# progress, no worker), even when it has started by the time the summary is read.
+SUBMIT_FIELDS = ("id", "service_required", "priority", "customer_id", "submitted_by", "max_retries",
+                 "timeout_seconds", "workflow_id", "workflow_priority", "workflow_datetime", "step_number",
+                 "created_at")
 SUMMARY_TEXT_CHARS = 512
 _TEXTS = frozenset({"message", "error", "unworkable_reason", "customer_id", "workflow_id"})
 _BUCKETS: dict[str, tuple[str, ...]] = {  # the monitors' four buckets, from JobStatus
@@ -205,7 +210,7 @@ def enricher(keys: Keys) -> Any:
         for entry in entries:
             event, worker_id = entry.event, entry.fields.get("worker_id", "")
             if event == "submitted":
-                pipe.hmget(keys.job(entry.job_id), SUMMARY_FIELDS)
+                pipe.hmget(keys.job(entry.job_id), SUBMIT_FIELDS)
                 wants.append((entry, "job", ""))
             elif event == "worker_connected" and worker_id:
                 pipe.hgetall(keys.worker(worker_id))
@@ -218,12 +223,12 @@ def enricher(keys: Keys) -> Any:
         for entry, what, worker_id in wants:
             if what == "job":
                 values = next(replies)
-                fields = {name: value for name, value in zip(SUMMARY_FIELDS, values, strict=True)
+                fields = {name: value for name, value in zip(SUBMIT_FIELDS, values, strict=True)
                           if value is not None}
                 if fields.get("id"):
-                    job = summary(fields)
-                    job["status"] = "pending"
-                    entry.extra["job"] = job
+                    fields.update(status="pending", progress="0", retry_count="0",
+                                  updated_at=fields.get("created_at", ""))
+                    entry.extra["job"] = summary(fields)
             else:
                 fields, ttl = next(replies), next(replies)
                 if fields:

@@ -8,13 +8,14 @@ import gevent
 import redis
 
 from appliance.api.tasks import TaskState
+from appliance.retry import is_outage
 
 log = logging.getLogger(__name__)
 
 
 class Periodic(TaskState):
-    """Subclasses implement `tick(n)`; a Redis error skips that tick, any other error is logged and noted (the
-    task's health), and the next tick comes as usual."""
+    """Subclasses implement `tick(n)`; a Redis outage (appliance.retry.is_outage) skips that tick quietly, any
+    other error is logged and noted (the task's health), and the next tick comes as usual."""
 
     name = "periodic task"
 
@@ -42,7 +43,11 @@ class Periodic(TaskState):
             try:
                 self.tick(n)
             except redis.RedisError as exc:
-                log.debug("%s skipped, Redis unavailable: %s", self.name, exc)
+                if is_outage(exc):
+                    log.debug("%s skipped, Redis unavailable: %s", self.name, exc)
+                else:  # a script failing, a key of the wrong type: not an outage, so it is seen
+                    self.note_error(exc)
+                    log.exception("%s failed", self.name)
             except Exception as exc:
                 self.note_error(exc)
                 log.exception("%s failed", self.name)

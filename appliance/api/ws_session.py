@@ -25,12 +25,14 @@ from appliance.api.tasks import Tasks
 from appliance.api.websocket import GOING_AWAY, POLICY, WebSocket, text_frame
 from appliance.errors import ECHO_CHARS, JobFinished, JobNotFound, Overloaded, ValidationError, shown
 from appliance.queue import Queue
+from appliance.retry import is_outage
 from appliance.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], None]
 OVERFLOW_GRACE_S = 5.0
+TRY_AGAIN_LATER = 1013    # close code: Redis is away when the socket opens (RFC 6455 registry)
 WRITE_BATCH = 64           # queued messages sent in one socket write
 JOB_ID_MAX = 64            # a job id a message may name (the API's are 36-character UUIDs)
 _ENVELOPE = frozenset({"type", "id", "message_id", "timestamp", "data"})
@@ -91,7 +93,16 @@ class Session:
             if registry.closing:
                 self.ws.close(GOING_AWAY, "server restarting")
             else:
-                self.on_open()
+                try:
+                    self.on_open()
+                except redis.RedisError as exc:
+                    if not is_outage(exc):
+                        raise
+                    log.warning("WebSocket %s closed at open: Redis is unavailable: %s", self.id, exc)
+                    self.ws.close(TRY_AGAIN_LATER, "Redis is unavailable; try again later")
+                    while self.ws.receive() is not None:  # until the peer answers the close (or a grace)
+                        pass
+                    return
             while True:
                 message = self.ws.receive()
                 if message is None:

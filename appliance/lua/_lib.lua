@@ -20,7 +20,10 @@ end
 -- away (stopped, restarting, unreachable) or nobody was there to renew anything: that job's lease is moved on by
 -- the silence beyond that third. Its holder finds the lease as it left it when Redis went away, with the time
 -- it had left to renew it or to deliver its outcome; a holder that died meanwhile loses the job within that
--- time after Redis is back. Called first by every script that expires or renews leases.
+-- time after Redis is back. Heartbeats are judged the same way: each registered worker's heartbeat key is moved
+-- on by that silence, and one that expired meanwhile (a stop longer than its TTL, or Redis frozen that long) is
+-- set again for one lease, so a live worker beats before anyone reports it gone, and a dead one is reported a
+-- lease after Redis is back. Called first by every script that expires or renews leases.
 local function present()
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,16 +32,38 @@ local function present()
   redis.call('SET', K_CLOCK, now)
   if not last or now - last <= 300 then return end  -- below a third of the shortest lease (1 s)
   local silence, leases = now - last, {}
-  for _, job_id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-    local holder = redis.call('HGET', P_JOB .. job_id, 'worker_id')
-    local lease = leases[holder]
-    if not lease then  -- the holder's own lease (WORKER_LEASE_MS of its process), read once per holder
+  local function lease_of(holder)  -- the holder's own lease (WORKER_LEASE_MS of its process), read once each
+    local lease = holder and leases[holder]
+    if not lease then
       lease = tonumber(holder and redis.call('HGET', P_WORKER .. holder, 'lease_ms')) or LEASE_MS
-      leases[holder] = lease
+      if holder then leases[holder] = lease end
     end
-    local away = silence - math.floor(lease / 3)
+    return lease
+  end
+  for _, job_id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    local away = silence - math.floor(lease_of(redis.call('HGET', P_JOB .. job_id, 'worker_id')) / 3)
     if away > 0 then redis.call('ZINCRBY', K_LEASES, away, job_id) end
   end
+  for _, worker_id in ipairs(redis.call('SMEMBERS', K_ACTIVE)) do
+    local lease = lease_of(worker_id)
+    local away = silence - math.floor(lease / 3)
+    if away > 0 then
+      local beat_key = P_WORKER .. worker_id .. S_HEARTBEAT
+      local left = redis.call('PTTL', beat_key)
+      if left > 0 then
+        redis.call('PEXPIRE', beat_key, left + away)
+      elseif left == -2 then
+        redis.call('SET', beat_key, NOW_ISO, 'PX', lease)
+      end
+    end
+  end
+end
+
+-- A lease deadline `lease_ms` from now, where now is the later of the caller's clock and Redis's (K_CLOCK, as
+-- present last set it): a call that waited in Redis's input while it was frozen runs with the clock of its
+-- sending, and must not hand out a lease that ran out before it ran.
+local function deadline(lease_ms)
+  return math.max(NOW_MS, tonumber(redis.call('GET', K_CLOCK)) or 0) + lease_ms
 end
 
 -- How long a job waits before its next attempt, having had `retries` retries: exponential backoff with jitter,
@@ -70,17 +95,24 @@ end
 
 -- Give a pending job to a worker: out of line, assigned, held under a lease; returns its fields (HGETALL's
 -- list), or nil if it was no longer pending (a stale entry in the queue).
+-- The shared structures (lease, the worker's set) are written before the job's own record: Redis keeps the
+-- writes a script made before a runtime error (a key of the wrong type), and a job must not be left `assigned`
+-- in no lease (where recovery would never find it); the record is written last.
 local function take(job_id, queue, worker_id, lease_ms)
-  redis.call('ZREM', queue, job_id)
-  redis.call('ZREM', K_PENDING, job_id)
   local job_key = P_JOB .. job_id
   local job = redis.call('HMGET', job_key, 'status', 'seq', 'attempt')
-  if job[1] ~= 'pending' then return nil end
+  if job[1] ~= 'pending' then
+    redis.call('ZREM', queue, job_id)
+    redis.call('ZREM', K_PENDING, job_id)
+    return nil
+  end
+  redis.call('ZADD', K_LEASES, deadline(lease_ms), job_id)
+  redis.call('SADD', P_WORKER .. worker_id .. S_WORKER_JOBS, job_id)
+  redis.call('ZREM', queue, job_id)
+  redis.call('ZREM', K_PENDING, job_id)
   local attempt = (tonumber(job[3]) or 0) + 1
   set_status(job_id, 'pending', 'assigned', job[2], { 'attempt', attempt, 'worker_id', worker_id,
     'assigned_at', NOW_ISO, 'progress', 0, 'message', '', 'retry_at', '' })
-  redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
-  redis.call('SADD', P_WORKER .. worker_id .. S_WORKER_JOBS, job_id)
   emit(job_id, { 'event', 'assigned', 'status', 'assigned', 'worker_id', worker_id, 'attempt', attempt,
     'progress', 0 })
   return redis.call('HGETALL', job_key)

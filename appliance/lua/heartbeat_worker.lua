@@ -20,6 +20,8 @@
 -- the worker missed the cancel message). A job Redis holds for this worker that it does not run, handed to it
 -- more than ORPHAN_MS ago (the hand-off message was lost with a connection), is reported as an orphan (id and
 -- attempt), for the worker to give back at once rather than leave it until its lease runs out.
+-- A beat that waited in Redis's input while Redis was frozen (SIGSTOP, a stall) runs late, with the clock of its
+-- sending: it never moves a lease deadline or the last beat back (present may have moved them on meanwhile).
 -- Returns {"ok", {lost job ids...}, {cancelled job ids...}, {orphan id, attempt, ...}} or {"unknown"} if the
 -- worker record is gone (it must register again).
 keep_running_when_full()
@@ -29,8 +31,12 @@ local after = offer(worker_id, running_at + 2 * n, offered_key, serving_key, unh
   ttl_s * 1000)
 local fields = {}
 for i = after, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, 'last_heartbeat_ms', NOW_MS, unpack(fields))
-redis.call('SET', heartbeat_key, NOW_ISO, 'EX', ttl_s)
+if (tonumber(redis.call('HGET', worker_key, 'last_heartbeat_ms')) or 0) <= NOW_MS then
+  redis.call('HSET', worker_key, 'last_heartbeat', NOW_ISO, 'last_heartbeat_ms', NOW_MS, unpack(fields))
+  redis.call('SET', heartbeat_key, NOW_ISO, 'EX', ttl_s)
+elseif #fields > 0 then
+  redis.call('HSET', worker_key, unpack(fields))
+end
 redis.call('SADD', K_ACTIVE, worker_id)
 local ORPHAN_MS = 5000
 local lost, cancel, orphans, reported = {}, {}, {}, {}
@@ -39,7 +45,7 @@ for i = 1, n do
   reported[job_id] = true
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'cancel_requested')
   if ACTIVE[job[1]] and job[2] == worker_id and job[3] == attempt then
-    redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
+    redis.call('ZADD', K_LEASES, 'GT', NOW_MS + lease_ms, job_id)
     if job[4] and job[4] ~= '' then cancel[#cancel + 1] = job_id end
   else
     redis.call('SREM', jobs_key, job_id)

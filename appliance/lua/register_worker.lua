@@ -44,6 +44,15 @@ for _, job_id in ipairs(candidates) do
   end
 end
 if orphans > 0 then recover_expired(orphans, 'restarted while running it') end
+-- A record left by an earlier process under this id (it died without deregistering: kill -9, a crash) is that
+-- process lost: monitors are told so before this one connects. The same process registering again (a register
+-- whose reply an outage lost, or one after its record was lost) is known by its pid and hostname.
+local sent = {}
+for i = 1, #fields, 2 do sent[fields[i]] = fields[i + 1] end
+local before = redis.call('HMGET', worker_key, 'worker_id', 'pid', 'hostname')
+if before[1] and ((before[2] or '') ~= (sent['pid'] or '') or (before[3] or '') ~= (sent['hostname'] or '')) then
+  lose_worker(worker_id, 'restarted: its previous process ended without deregistering')
+end
 redis.call('DEL', worker_key, jobs_key)
 redis.call('HSET', worker_key, 'worker_id', worker_id, 'status', 'idle', 'current_job_id', '',
   'current_jobs', 0, 'connected_at', NOW_ISO, 'last_heartbeat', NOW_ISO, 'last_status_change', NOW_ISO,
@@ -54,7 +63,7 @@ redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'worker
   'worker_id', worker_id, 'updated_at', NOW_ISO)
 for _, job_id in ipairs(kept) do
   redis.call('SADD', jobs_key, job_id)
-  redis.call('ZADD', K_LEASES, NOW_MS + lease_ms, job_id)
+  redis.call('ZADD', K_LEASES, 'GT', deadline(lease_ms), job_id)
 end
 if #kept > 0 then busy(worker_id, kept[#kept]) end
 local _, left = offer(worker_id, offers_at, offered_key, serving_key, unhealthy_key, unoffered_at, ttl_s * 1000)
