@@ -499,6 +499,7 @@ def test_a_stop_supervisord_sent_before_the_process_could_catch_it_is_not_lost(e
     assert left_no_trace(client, "worker7") and not client.xrange(Keys().events)
 
 
+@pytest.mark.slow
 def test_an_error_that_is_no_outage_ends_the_worker_with_the_error_logged(env_base: dict[str, str],
                                                                           client: redis.Redis) -> None:
     """A script that fails (here: a key of the wrong type) is a bug, not an outage: the worker does not go on
