@@ -5,7 +5,8 @@ WORKER_SIMULATION_STEPS (default 10), WORKER_SIMULATION_FAILURE_RATE (0..1, defa
 WORKER_SIMULATION_ALLOW_KILL (default false).
 Per-job overrides in the payload, checked at submit (`check_payload`): `duration` (ms, as the guide's curl
 sends) or `simulation_time` (seconds, as the monitor sends), each above 0 and at most a day; `steps` (1 to
-10000: each is a progress event); `fail` (true: every attempt fails; false; an integer n >= 0: the first n attempts fail);
+10000: each is a progress event); `fail` (true: every attempt fails; false; an integer n >= 0: the first n
+attempts fail);
 `fail_retryable` (false: the failure is final); `kill_worker` (true: each attempt SIGKILLs its worker process
 after its first progress step, as a job that crashes its worker would; only on workers with
 WORKER_SIMULATION_ALLOW_KILL, elsewhere the job fails at once).

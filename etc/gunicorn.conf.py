@@ -1,6 +1,7 @@
 # gunicorn configuration of the appliance API (Falcon WSGI app, gevent worker class).
 # Values come from the API settings (API_PORT, API_BIND, API_PROCESSES, LOG_LEVEL, ...), parsed once.
 import sys
+from urllib.parse import urlsplit
 
 from gunicorn.glogging import Logger
 
@@ -31,7 +32,7 @@ keepalive = 5
 limit_request_line = 4094                           # request line, bytes: 414 beyond (default 4094)
 limit_request_fields = 100                          # header fields: 431 beyond (default 100)
 limit_request_field_size = 8190                     # one header field, bytes: 431 beyond (default 8190)
-gunicorn_errors.install()
+gunicorn_errors.install(max_chunk_bytes=_settings.max_body_bytes)  # a larger chunk: 413 at once
 
 # -- control socket --------------------------------------------------------------------------------
 control_socket_disable = True                       # one per host by default; two appliances would clash
@@ -40,17 +41,27 @@ control_socket_disable = True                       # one per host by default; t
 # gunicorn's lines and the app's in the format of every appliance log (time, level, program, logger).
 # A logger class rather than logconfig_dict: with logconfig_dict gunicorn builds the access-log fields of
 # every request even while the access log is off.
+_secrets = gunicorn_errors.SecretFilter(
+    [key.key for key in _settings.api_keys] + [urlsplit(_settings.queue.redis_url).password or ""])
+
+
 class ApplianceLogger(Logger):
     error_fmt = log_format("api %(process)d")
     access_fmt = log_format("api %(process)d")  # its message is the request in access_log_format
     datefmt = None                                  # logging's default, as in the workers' lines
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # gunicorn logs an invalid request with its request or header line: keys never reach the log
+        self.error_log.addFilter(_secrets)
+        self.access_log.addFilter(_secrets)
 
     def atoms(self, resp, req, environ, request_time):
         """The access-log fields with API keys left out: `?token=` values, Authorization, X-API-Key."""
         atoms = super().atoms(resp, req, environ, request_time)
         for name in ("r", "q", "f"):
             if isinstance(atoms.get(name), str):
-                atoms[name] = redact_token(atoms[name])
+                atoms[name] = _secrets.redact(redact_token(atoms[name]))
         for name in ("{authorization}i", "{x-api-key}i"):
             if name in atoms:
                 atoms[name] = "***"

@@ -107,9 +107,11 @@ def test_submit_then_get(api: falcon.testing.TestClient, client: redis.Redis) ->
 
 
 def test_submit_with_fallback_names_and_text_json(api: falcon.testing.TestClient) -> None:
-    """`job_type` stands in for service_required, and a body sent as text still parses as JSON."""
-    result = api.simulate_post("/api/jobs", body='{"job_type":"simulation","priority":0}',
-                               headers={"Content-Type": "text/plain"})
+    """`job_type` stands in for service_required; a body sent without a Content-Type still parses as JSON, one
+    declared as text is refused (415: a page of another site could send that without a preflight)."""
+    body = '{"job_type":"simulation","priority":0}'
+    assert api.simulate_post("/api/jobs", body=body, headers={"Content-Type": "text/plain"}).status_code == 415
+    result = api.simulate_post("/api/jobs", body=body)
     assert result.status_code == 201
     job = api.simulate_get(f"/api/jobs/{result.json['job_id']}").json["job"]
     assert job["service_required"] == "simulation" and job["priority"] == 0
@@ -327,7 +329,13 @@ def test_body_too_large_is_413_envelope(client: redis.Redis, settings: QueueSett
 
 
 def test_cors_preflight(api: falcon.testing.TestClient) -> None:
+    """Without keys, a local page (a loopback origin) may call the API; a page of another site may not."""
     result = api.simulate_options("/api/jobs", headers={
-        "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
     assert result.status_code == 200
-    assert result.headers.get("Access-Control-Allow-Origin") == "*"
+    assert result.headers.get("Access-Control-Allow-Origin") == "http://localhost:3000"
+    assert "POST" in result.headers["Access-Control-Allow-Methods"]
+    other = api.simulate_options("/api/jobs", headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 403 and "Access-Control-Allow-Origin" not in other.headers

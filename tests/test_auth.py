@@ -5,6 +5,7 @@ reach the logs; submits stop at the Redis memory limit with 503 "queue is full".
 from __future__ import annotations
 
 import http.client
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import websocket
 
 from appliance.api.app import create_app
 from appliance.api.auth import OPEN_ROUTES, Keyring, token_of
-from appliance.api.live import create_live
+from appliance.api.live import LiveServices, create_live
 from appliance.queue import Queue
 from appliance.redis_conn import DirectCalls, connect
 from appliance.settings import ApiKey, ApiSettings, QueueSettings, SettingsError, redact_token
@@ -418,7 +419,15 @@ def test_keys_never_reach_the_log(keyed_api: Api) -> None:
     assert request(api, "GET", "/api/jobs", X_API_Key=ROOT)[0] == 200
     assert request(api, "GET", "/api/jobs?token=not-a-key-0123456789")[0] == 401
     refused(api, f"/ws/monitor/m2?token={ALICE}")
-    wait_for(lambda: "token=***" in api.log_text(), 10, "the access log line")
+    assert request(api, "GET", f"/api/jobs?%74oken={BOB}")[0] == 200      # a percent-encoded name: still masked
+    for raw in (f"GET /api/jobs?token={ROOT}\x01 HTTP/1.1\r\nHost: t\r\n\r\n".encode(),
+                f"GET /api/jobs HTTP/1.1\r\nHost: t\r\nX-API-Key {ALICE}\r\n\r\n".encode(),
+                f"GET /api/jobs HTTP/1.1\r\nHost: t\r\nAuthorization Bearer {BOB}\r\n\r\n".encode()):
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(raw)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+    wait_for(lambda: "%74oken=***" in api.log_text(), 10, "the access log line")
+    wait_for(lambda: "Invalid HTTP" in api.log_text(), 10, "gunicorn's invalid-request lines")
     log = api.log_text()
     assert "GET /api/jobs?token=*** HTTP/1.1\" 200" in log, log
     for secret in (ALICE, BOB, ROOT, "not-a-key-0123456789"):
@@ -432,3 +441,15 @@ def test_without_keys_the_api_says_it_is_open(redis_server: str) -> None:
         status, _ = request(api, "GET", "/api/workers")
         assert status == 200
 
+
+
+def test_anonymous_health_names_tasks_without_their_errors(client: redis.Redis, settings: QueueSettings) -> None:
+    api_settings = ApiSettings.from_env({"API_KEYS": KEYS, "REDIS_URL": settings.redis_url})
+    queue = Queue(client, api_settings.queue)
+    live = create_live(api_settings, queue)
+    LiveServices(live, on_dead=lambda why: None)    # its tasks, named in /health (not started: none alive)
+    api = falcon.testing.TestClient(create_app(api_settings, queue, live))
+    anonymous = api.simulate_get("/health").json["tasks"]
+    assert anonymous and all(set(task) == {"name", "alive"} for task in anonymous), anonymous
+    known = api.simulate_get("/health", headers=bearer(ROOT)).json["tasks"]
+    assert all(set(task) > {"name", "alive"} for task in known), known

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import selectors
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from appliance.classes import ClassBook
 from appliance.jobs import ORJSON_MAX_DEPTH, RENDER_DEPTH, JobSpec, public_job
 from appliance.matching import RequirementClass
 from appliance.queue import Queue
+from appliance.runtime import Paths
 from appliance.settings import ApiKey, ApiSettings, QueueSettings, WorkerSettings
 from appliance.worker import Worker
 from connectors.simulation import SimulationConnector, SimulationSettings
@@ -465,6 +467,20 @@ def test_a_chunked_post_is_read(live: Api) -> None:
     assert orjson.loads(answer)["job_id"]
 
 
+@pytest.mark.parametrize("body, status", [
+    (b"ZZ\r\nabc\r\n0\r\n\r\n", 400),
+    (b"3\r\nabcXX0\r\n\r\n", 400),
+    (b"FFFFFFFFFFFFFFFFFFFF\r\nabc", 413),
+], ids=["bad size", "no terminator", "huge chunk"])
+def test_a_bad_chunked_body_is_answered_at_once_and_closed(live: Api, body: bytes, status: int) -> None:
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        got, _, answer = read_answer(sock)
+        assert got == status and orjson.loads(answer)["success"] is False, answer
+        assert sock.recv(65536) == b""          # closed: no second answer from the leftover bytes
+
+
 def test_a_body_that_arrives_too_slowly_is_cut_off(live: Api) -> None:
     with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
         sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"service")
@@ -710,8 +726,8 @@ def test_the_simulation_refuses_more_steps_than_its_bound(api: falcon.testing.Te
 def test_progress_writes_are_throttled_per_job_and_the_last_step_arrives(client: redis.Redis,
                                                                          settings: QueueSettings,
                                                                          queue: Queue) -> None:
-    """10,000 steps meant for 1.5 s: at most WORKER_PROGRESS_MAX_PER_SECOND progress events a second (a second's worth at
-    once), and the final step is among them."""
+    """10,000 steps meant for 1.5 s: at most WORKER_PROGRESS_MAX_PER_SECOND progress events a second (a second's worth
+    at once), and the final step is among them."""
     worker = Worker(WorkerSettings(queue=settings, worker_id="w1", services=("simulation",),
                                    connectors=("simulation",), progress_max_per_second=10),
                     client, client, {"simulation": SimulationConnector(SimulationSettings())})
@@ -728,3 +744,27 @@ def test_progress_writes_are_throttled_per_job_and_the_last_step_arrives(client:
     assert progress[-1]["current_step"] == "10000" and progress[-1]["progress"] == "100"
     assert 3 <= len(progress) <= 10 + 10 * (took_s + 1), (len(progress), took_s)   # the bound, not 10,001
     assert queue.get(job_id)["status"] == "completed"
+
+
+# -- small edges -----------------------------------------------------------------------------------------------
+def test_integers_beyond_64_bits_are_refused_not_rounded(api: falcon.testing.TestClient) -> None:
+    raw = b'{"service_required": "simulation", "payload": {"n": [1, 123456789012345678901234567890]}}'
+    body = error_of(api.simulate_post("/api/jobs", body=raw, headers={"Content-Type": "application/json"}), 400)
+    assert body["field"] == "payload.n[1]" and "2^63" in body["error"]
+    for fits in (b'{"service_required": "simulation", "payload": {"n": 9223372036854775807}}',
+                 b'{"service_required": "simulation", "payload": {"f": 1e30}}'):
+        assert api.simulate_post("/api/jobs", body=fits, headers={"Content-Type": "application/json"}
+                                 ).status_code == 201
+
+
+def test_invalid_utf8_is_named_as_such(api: falcon.testing.TestClient) -> None:
+    raw = b'{"service_required": "simulation", "payload": {"s": "\xed\xa0\x80"}}'
+    body = error_of(api.simulate_post("/api/jobs", body=raw, headers={"Content-Type": "application/json"}), 400)
+    assert body["error"] == "body: not valid UTF-8; send JSON text in UTF-8"
+
+
+def test_the_run_folder_makes_supervisords_log_private(tmp_path: Any) -> None:
+    paths = Paths(tmp_path / "run")
+    paths.make()
+    log = paths.logs / "supervisord.log"
+    assert log.is_file() and stat.S_IMODE(log.stat().st_mode) == 0o600

@@ -8,13 +8,17 @@ bucket per API key name, or per client address without keys).
 from __future__ import annotations
 
 import math
+import re
+import socket
 import time
 from typing import Any
 
 import falcon
 import gevent
 import orjson
+from gunicorn.http.errors import NoMoreData, ParseException  # type: ignore[import-untyped]
 
+from appliance.api.gunicorn_errors import ChunkTooLarge
 from appliance.connector import check_payload
 from appliance.errors import Overloaded, ValidationError, shown
 from appliance.jobs import JobSpec, json_depth_within
@@ -57,6 +61,37 @@ class TokenBuckets:
 def caller_of(key_name: str, address: str | None) -> str:
     """Who a submit is counted against: the API key's name, or (keys off) the client's address."""
     return f"key:{key_name}" if key_name else f"addr:{address or '?'}"
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _big_integer(value: Any, path: str) -> str | None:
+    """The path of the first number orjson read from an integer beyond 64 bits (a whole float of 2^63 or more)."""
+    if isinstance(value, float):
+        return path if value.is_integer() and abs(value) >= 2**63 else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _big_integer(item, (f"{path}.{key}" if path else key) if isinstance(key, str) else f"{path}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
+def _close_after(req: falcon.Request) -> None:
+    """End the connection after this answer: the rest of a malformed body cannot be told from a next request.
+    (gunicorn drops a Connection header the app sets; a socket shut for reading ends its keep-alive loop.)"""
+    sock = req.env.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
 
 class JsonBodies:
@@ -121,6 +156,14 @@ class Limits:
             raise falcon.HTTPError(falcon.HTTP_408, description=(
                 f"The body did not arrive within {self.settings.body_timeout_s:g} s "
                 "(API_BODY_TIMEOUT_SECONDS)")) from None
+        except ChunkTooLarge:
+            _close_after(req)
+            raise falcon.HTTPContentTooLarge(description=f"A chunk of the body is larger than {max_bytes} bytes "
+                                                         "(API_MAX_BODY_BYTES)") from None
+        except (ParseException, NoMoreData) as exc:     # gunicorn's reader: a malformed chunked body
+            _close_after(req)
+            raise falcon.HTTPBadRequest(description=f"Malformed request body ({type(exc).__name__}); send it "
+                                                    "with Content-Length or valid chunked encoding") from None
         finally:
             timer.close()
         if total > max_bytes:
@@ -140,10 +183,17 @@ class Limits:
         except orjson.JSONDecodeError as exc:
             if "depth limit" in str(exc) or "recursion" in str(exc).lower():
                 raise self._too_deep(field) from None
+            if "UTF-8" in str(exc) or "surrogate" in str(exc):
+                raise ValidationError(field, "not valid UTF-8; send JSON text in UTF-8") from None
             raise ValidationError(field, f"not valid JSON ({str(exc)[:120]}); send a JSON object with "
                                          "Content-Type: application/json") from None
         if not json_depth_within(value, self.settings.max_json_depth, raw):
             raise self._too_deep(field)
+        if _LONG_DIGITS.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")):
+            where = _big_integer(value, "")     # orjson reads an integer beyond 64 bits as a float: refuse it
+            if where is not None:
+                raise ValidationError(where or field, "integers beyond ±2^63 are not supported (they would lose "
+                                                      "digits); send such a number as a string")
         return value
 
     def _too_deep(self, field: str) -> ValidationError:
