@@ -723,6 +723,7 @@ def test_the_simulation_refuses_more_steps_than_its_bound(api: falcon.testing.Te
     assert "steps" in body["error"]
 
 
+@pytest.mark.slow
 def test_progress_writes_are_throttled_per_job_and_the_last_step_arrives(client: redis.Redis,
                                                                          settings: QueueSettings,
                                                                          queue: Queue) -> None:
