@@ -168,6 +168,7 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configure
     last = ""
     seen = False
     fatal: list[str] = []
+    logfiles: dict[str, str | None] = {}
     while time.monotonic() < started + START_TIMEOUT_S:
         code, _ = read_health(url)
         try:
@@ -183,28 +184,42 @@ def wait_until_ready(paths: Paths, env: Mapping[str, str], configured: Configure
             continue
         seen = True
         programs = [i for i in rpc(paths).getAllProcessInfo() if i["statename"] != "STOPPED"]
-        starting = [i["name"] for i in programs if i["statename"] in ("STARTING", "BACKOFF")]
+        verdict, names = readiness(code, registered, workers, programs)
+        if verdict == "fatal":  # before "ready": a FATAL program is neither starting nor ready
+            fatal = names
+            logfiles = {i["name"]: i.get("stdout_logfile") for i in programs if i["name"] in fatal}
+            last = f"{', '.join(fatal)} failed to start"
+            break
         state = f"api {'up' if code == 200 else 'starting'}, workers {registered}/{workers}" + (
-            f", starting {', '.join(starting)}" if code == 200 and registered >= workers and starting else "")
+            f", starting {', '.join(names)}" if code == 200 and registered >= workers and names else "")
         if state != last:
             say(f"waiting: {state}")
             last = state
-        if code == 200 and registered >= workers and not starting:
+        if verdict == "ready":
             say(f"ready after {time.monotonic() - started:.0f}s: API at {url} (WebSocket on the same port); "
                 f"logs in {paths.logs}")
             return
-        fatal = [i["name"] for i in programs if i["statename"] == "FATAL"]
-        if fatal:
-            last = f"{', '.join(fatal)} failed to start"
-            break
         time.sleep(0.3)
     for name in dict.fromkeys(("supervisord", "redis", "api", "worker1", *fatal)):
-        log = paths.logs / f"{name}.log"
+        log = Path(logfiles.get(name) or paths.logs / f"{name}.log")
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-8:]
             print(f"--- {log} ---\n" + "\n".join(tail), file=sys.stderr)
     raise CliError(f"not ready after {time.monotonic() - started:.0f}s ({last}); read the logs above, fix the "
                    "cause, then `bin/appliance stop` and start again")
+
+
+def readiness(code: int, registered: int, workers: int, programs: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """("fatal", the FATAL programs) first: one that gave up is neither starting nor ready; then ("ready", [])
+    when /health answers, every worker registered and nothing is STARTING or BACKOFF; else ("waiting", the
+    programs still starting)."""
+    fatal = [str(i["name"]) for i in programs if i["statename"] == "FATAL"]
+    if fatal:
+        return "fatal", fatal
+    starting = [str(i["name"]) for i in programs if i["statename"] in ("STARTING", "BACKOFF")]
+    if code == 200 and registered >= workers and not starting:
+        return "ready", []
+    return "waiting", starting
 
 
 def live_registrations(client: redis.Redis, keys: Keys, worker_ids: list[str]) -> int:

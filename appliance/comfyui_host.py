@@ -10,7 +10,9 @@ ComfyUI answers (the connector's health check), so a ComfyUI still loading, or r
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import shlex
 import shutil
 import socket
@@ -48,6 +50,16 @@ class Endpoint:
                 "WORKER_COMFYUI_PORT": str(self.port)}
 
 
+def valid_host(host: str) -> bool:
+    """A hostname (letters, digits, dots, hyphens, underscores) or an IP address: no spaces, no control
+    characters, nothing http.client would refuse later (InvalidURL in every worker)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", host)) and ".." not in host
+
+
 def endpoint(name: str, value: str) -> Endpoint:
     """An http(s) URL of a ComfyUI (a path prefix allowed, for one behind a proxy); SettingsError naming `name`."""
     parts = urlsplit(value.strip())
@@ -58,6 +70,8 @@ def endpoint(name: str, value: str) -> Endpoint:
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.query or parts.fragment:
         raise SettingsError(f"{name}={value!r}: expected an http:// or https:// URL of a ComfyUI, e.g. "
                             "http://127.0.0.1:8188")
+    if not valid_host(parts.hostname):
+        raise SettingsError(f"{name}={value!r}: {parts.hostname!r} is not a hostname or IP address")
     port = port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -68,16 +68,17 @@ def program_names(programs: Iterable[Program]) -> dict[str, list[Program]]:
 
 
 def resolve(programs: Iterable[Program], wanted: Iterable[str]) -> tuple[list[Program], list[str]]:
-    """The programs `wanted` names (in order, once each; supervisorctl's `group:*` too) and the names that match
-    none."""
+    """The programs `wanted` names (in order, once each; supervisorctl's `group:*` and `group:` too) and the
+    names that match none."""
     programs = list(programs)
     names = program_names(programs)
     groups = {p.group for p in programs}
     found: dict[str, Program] = {}
     unknown = []
     for name in wanted:
-        if name.endswith(":*") and name[:-2] in groups:
-            name = name[:-2]
+        for suffix in (":*", ":"):  # supervisorctl's `group:*` and `group:`
+            if name.endswith(suffix) and name[:-len(suffix)] in groups:
+                name = name[:-len(suffix)]
         if name not in names:
             unknown.append(name)
         for p in names.get(name, []):
@@ -106,6 +107,9 @@ class Applied:
         return bool(self.replaced or self.added or self.removed or self.started)
 
 
+DEPENDENTS = {"comfyui": "workers"}  # a group whose programs' settings derive from another's (WORKER_COMFYUI_URL)
+
+
 def apply(rpc: Any, targets: list[Program] | None, restart: bool, say: Callable[[str], None]) -> Applied:
     """Bring supervisord's programs in line with the program sections just written, then start them.
 
@@ -116,12 +120,19 @@ def apply(rpc: Any, targets: list[Program] | None, restart: bool, say: Callable[
         say: prints one progress line.
 
     A group whose section changed is stopped, replaced and started (supervisorctl's `update`), as a whole even
-    when only one of its programs was named. Raises xmlrpc.client.Fault when supervisord refuses a step.
+    when only one of its programs was named; a named group's dependent (DEPENDENTS: the workers of `comfyui`) is
+    replaced with it when its section changed too (a new COMFYUI_BASE_PORT moves every worker's URL).
+    Raises xmlrpc.client.Fault when supervisord refuses a step.
     """
     added, changed, removed = rpc.reloadConfig()[0]
     current = running_programs(rpc)
     chosen = current if targets is None else [t for t in targets if t.state]
     groups = {p.group for p in chosen} | ({g for g in added if targets is None or g in {t.group for t in targets}})
+    for group, dependent in DEPENDENTS.items():
+        if group in groups and dependent in changed and dependent not in groups:
+            say(f"the settings of {dependent} changed with {group}'s (their addresses derive from its ports): "
+                f"restarting {dependent} too")
+            groups.add(dependent)
     replace = sorted((set(changed) | set(removed)) & groups, key=_order)
     for group in replace:
         whole = {p.spec for p in current if p.group == group}

@@ -75,7 +75,7 @@ JOB = _table(
     Field("worker_id", TEXT, _HELD, "the worker that holds (or last held) it; '' when handed back"),
     Field("assigned_at", TIME, ("_lib.take",)),
     Field("progress", INT, ("submit_job", "progress_job", "complete_jobs", *_HELD), "0..100"),
-    Field("message", TEXT, ("_lib.take", "progress_job", "complete_jobs")),
+    Field("message", TEXT, ("_lib.take", "progress_job", "complete_jobs", "fail_job")),
     Field("retry_at", TIME, ("_lib.take", "fail_job", "_lib.recover_expired"), "epoch ms of a retry's turn"),
     Field("started_at", TIME, ("progress_job", "complete_jobs")),
     Field("current_step", INT, ("progress_job",)),

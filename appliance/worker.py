@@ -133,9 +133,11 @@ class Worker:
         }
 
     def register(self) -> None:
+        offers = self.offers()  # health is known (each connector's start ran its first check)
+        offering = [s for s, error in offers.items() if not error]
         fields = {
             "capabilities": orjson.dumps(self.capabilities()).decode(),
-            "services": ",".join(self.services),
+            "services": ",".join(offering),  # the healthy ones only, as each heartbeat writes them
             "connectors": ",".join(self.connectors),
             "max_concurrent_jobs": str(self.settings.max_concurrent_jobs),
             "lease_ms": str(self.settings.lease_ms),  # the lease of a job handed to it at submit
@@ -146,9 +148,11 @@ class Worker:
             "services_health": self.services_health(),
         }
         running = {job_id: job.claimed.attempt for job_id, job in self.running.items()}
-        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields, self.offers(),
+        orphans = self.scripts.register_worker(self.id, self.settings.heartbeat_ttl_s, fields, offers,
                                                running=running)
-        log.info("worker registered id=%s services=%s max_concurrent=%d", self.id, ",".join(self.services),
+        down = [s for s in self.services if s not in offering]
+        log.info("worker registered id=%s services=%s%s max_concurrent=%d", self.id, ",".join(offering),
+                 f" (not offered while unhealthy: {','.join(down)})" if down else "",
                  self.settings.max_concurrent_jobs)
         if orphans:
             log.warning("recovered %d jobs an earlier process of worker %s left running (each retried after its "

@@ -232,13 +232,24 @@ class ComfyUIConnector(Connector):
         """Run a blocking call, but give up at once with JobStopped when the job is told to stop."""
         if job.stopped.is_set():
             raise JobStopped(job.stop_reason)
-        call = gevent.spawn(fn)
+        def quietly() -> tuple[bool, Any]:
+            # the call's exception comes back as a value: raised inside the greenlet, gevent's hub would print
+            # a traceback ("<Greenlet …> failed with …") for an error the worker handles in one line
+            try:
+                return True, fn()
+            except Exception as exc:
+                return False, exc
+
+        call = gevent.spawn(quietly)
         gevent.wait([call, job.stopped], count=1)
         if not call.ready():
             call.kill(block=False)
             raise JobStopped(job.stop_reason)
-        value: T = call.get()
-        return value
+        ok, value = call.get()
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
     def unavailable(self, what: str, exc: BaseException) -> ServiceUnavailable:
         """ComfyUI cannot be reached: marked down now, and the job handed back by the worker."""

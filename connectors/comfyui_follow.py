@@ -6,7 +6,9 @@ node without), and the message names the node and step ("KSampler (node 3): step
 of our prompt become the job's latest preview (stored at most once per PREVIEW_EVERY_S, each with a `preview`
 event). When the socket drops it reconnects, and what happened meanwhile is made up from /history; when
 ComfyUI refuses the reconnection for REFUSED_GRACE_S it is down, and the job goes back in line
-(ServiceUnavailable). A prompt found in neither /queue nor /history was deleted from ComfyUI's queue.
+(ServiceUnavailable). A prompt found in neither /queue nor /history was deleted from ComfyUI's queue (a
+failure) while the socket stayed up; after the socket dropped it was lost in a ComfyUI restart (the service's
+outage: ServiceUnavailable, the job goes back in line with no retry counted).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import websocket
 
-from appliance.connector import ConnectorError, JobContext, JobStopped
+from appliance.connector import ConnectorError, JobContext, JobStopped, ServiceUnavailable
 from connectors.comfyui_http import refused
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class Follow:
         self.started = False
         self.history_entry: dict[str, Any] | None = None
         self.missing = 0
+        self.dropped = False  # the socket dropped since the prompt was posted: a vanished prompt means a restart
         self.weights = {node_id: _steps(node) for node_id, node in workflow.items()}
         self.preview: tuple[bytes, str, str] | None = None  # the latest frame not stored yet
         self.preview_at = 0.0
@@ -162,22 +165,39 @@ class Follow:
 
     # -- a quiet or dropped socket ---------------------------------------------------------------------
     def _check_still_queued(self) -> None:
-        """A prompt in neither /queue nor /history was deleted from ComfyUI's queue (which sends no event) or
-        lost in a ComfyUI restart; two quiet polls in a row make sure it is not just between the two."""
+        """A prompt in neither /queue nor /history was deleted from ComfyUI's queue (which sends no event) or,
+        after the socket dropped, lost in a ComfyUI restart; two quiet polls in a row make sure it is not just
+        between the two."""
+        if self._queued() is not False:
+            self.missing = 0
+            return
+        self.missing += 1
+        if self.missing >= 2:
+            if self.dropped:
+                raise self._restarted()
+            raise ConnectorError("the prompt vanished from ComfyUI (deleted from its queue while our socket "
+                                 "stayed connected)")
+
+    def _queued(self) -> bool | None:
+        """Whether ComfyUI's /queue holds our prompt (None: could not tell)."""
         try:
             queue = self.c.http.json("GET", "/queue")
         except (OSError, ValueError) as exc:
             if refused(exc):
                 raise self.c.unavailable("GET /queue", exc) from None
-            return
+            return None
+        if not isinstance(queue, dict):
+            return None
         items = list(queue.get("queue_running") or []) + list(queue.get("queue_pending") or [])
-        if any(isinstance(i, list) and len(i) > 1 and i[1] == self.prompt_id for i in items):
-            self.missing = 0
-            return
-        self.missing += 1
-        if self.missing >= 2:
-            raise ConnectorError("the prompt vanished from ComfyUI (deleted from its queue, or ComfyUI "
-                                 "restarted)")
+        return any(isinstance(i, list) and len(i) > 1 and i[1] == self.prompt_id for i in items)
+
+    def _restarted(self) -> ServiceUnavailable:
+        """ComfyUI restarted under us (its socket dropped, and it no longer knows the prompt): the service's
+        outage, not the job's failure. ComfyUI answers again, so it is not marked down."""
+        log.warning("ComfyUI at %s restarted and lost prompt %s: handing the job back", self.c.http.base,
+                    self.prompt_id)
+        return ServiceUnavailable(f"ComfyUI at {self.c.http.base} restarted and lost the prompt (its socket "
+                                  "dropped, and it knows the prompt no more); the job goes back in line")
 
     def _from_history(self) -> tuple[str, dict[str, Any]] | None:
         """Make up missed events from /history: a terminal status ends the wait; outputs mark nodes done."""
@@ -204,6 +224,7 @@ class Follow:
         failure (a proxy's 503, say) is retried until the workflow's deadline. A stop ends the wait at once."""
         log.warning("ComfyUI socket dropped while following prompt %s (%s): reconnecting", self.prompt_id,
                     exc)
+        self.dropped = True
         close_socket(self.ws)
         delay, refused_since = 0.1, None
         while True:
@@ -229,7 +250,12 @@ class Follow:
                 delay = min(delay * 2, 1.0 if refused_since else 2.0)
                 continue
             log.info("ComfyUI socket back for prompt %s", self.prompt_id)
-            return self._from_history()  # anything that ended while we were reconnecting
+            found = self._from_history()  # anything that ended while we were reconnecting
+            if found is None and self._queued() is False:
+                found = self._from_history()  # it may have ended between the two looks
+                if found is None:
+                    raise self._restarted()
+            return found
 
 
 def _steps(node: Any) -> float:

@@ -14,8 +14,8 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from appliance.comfyui_host import endpoint
-from appliance.settings import Env
+from appliance.comfyui_host import endpoint, valid_host
+from appliance.settings import Env, SettingsError
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class ComfyUISettings:
         host, port = e.str("WORKER_COMFYUI_HOST", "localhost"), e.int("WORKER_COMFYUI_PORT", 8188, 1, 65535)
         # WORKER_COMFYUI_URL (set per worker by bin/appliance: its own ComfyUI) wins over host and port
         url = e.raw("WORKER_COMFYUI_URL")
+        if not url and not valid_host(host.strip("[]")):
+            raise SettingsError(f"WORKER_COMFYUI_HOST={host!r}: expected a hostname or IP address, e.g. 127.0.0.1")
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         where = endpoint("WORKER_COMFYUI_URL", url) if url else endpoint("WORKER_COMFYUI_HOST", f"http://{netloc}")
         return cls(

@@ -21,7 +21,7 @@ import redis
 import websocket
 
 from appliance.api.app import create_app
-from appliance.connector import ConnectorError, JobContext, JobStopped
+from appliance.connector import ConnectorError, JobContext, JobStopped, ServiceUnavailable
 from appliance.jobs import JobSpec
 from appliance.keys import Keys
 from appliance.outputs import OutputStore
@@ -275,6 +275,25 @@ def test_prompt_deleted_from_comfyuis_queue_by_someone_else_fails(
     post(double, "/interrupt", {})
 
 
+def test_comfyui_restarted_under_a_job_hands_it_back(comfy: ComfyUIConnector, double: ComfyDouble,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI's process is killed and restarted at once (supervisord): the socket drops, the reconnection
+    reaches a new ComfyUI that never heard of the prompt. That is the service's outage (ServiceUnavailable,
+    handed back with no retry counted), not the job's failure."""
+    monkeypatch.setattr("connectors.comfyui_follow.QUIET_POLL_S", 0.1)
+    job = Job({"workflow": workflow(steps=400, step_s=0.05)})
+    thread, outcome = in_thread(lambda: comfy.run(job.context))
+    wait_for(lambda: double.running is not None)
+    double.stop()
+    again = ComfyDouble(port=double.port).start()
+    try:
+        thread.join(20)
+        assert isinstance(outcome.get("error"), ServiceUnavailable), outcome
+        assert "restarted" in str(outcome["error"])
+    finally:
+        again.stop()
+
+
 def test_dropped_socket_mid_job_reconnects_and_finishes(comfy: ComfyUIConnector) -> None:
     job = Job({"workflow": workflow(steps=6, step_s=0.05, drop_socket_at_step=2)})
     result = comfy.run(job.context)
@@ -453,6 +472,7 @@ def test_worker_process_runs_a_comfyui_job(double: ComfyDouble, env_base: dict[s
         assert node_error["errors"][0]["type"] == "required_input_missing"
         raising = app.simulate_get(f"/api/jobs/{raising_id}").json["job"]
         assert raising["status"] == "failed"
+        assert raising["message"] == raising["error"]  # not the last progress line ("…: step 1/4")
         details = raising["error_details"]
         assert details["node_id"] == "2" and details["node_type"] == "WorkerTestSleepProgress"
         assert details["exception_type"] == "RuntimeError" and "deliberate failure" in details["exception_message"]
@@ -490,6 +510,25 @@ def test_comfyui_dying_under_a_job_hands_it_back(double: ComfyDouble, env_base: 
         assert health["ok"] is False and "does not answer" in health["error"]
 
 
+def test_comfyui_restarted_under_a_job_hands_it_back_without_a_retry(
+        double: ComfyDouble, env_base: dict[str, str], client: redis.Redis, queue: Queue) -> None:
+    """ComfyUI killed and restarted at once on the same port (supervisord): requeued, retry_count 0."""
+    k = queue.keys
+    with worker_process(proc_env(double, env_base), client, "comfy-restarts", timeout_s=30) as proc:
+        job_id = submit(queue, {"workflow": workflow(steps=400, step_s=0.05)}, max_retries=0)
+        wait_alive(proc, lambda: ": step" in (client.hget(k.job(job_id), "message") or ""), 20, "the job to run")
+        double.stop()
+        again = ComfyDouble(port=double.port).start()
+        try:
+            wait_alive(proc, lambda: any(f["event"] == "requeued" for f in events(client, job_id)), 20,
+                       "the job to be handed back")
+            job = queue.get(job_id)
+            assert job is not None and job.get("retry_count", 0) == 0
+            assert not [f for f in events(client, job_id) if f["event"] in ("retrying", "failed")]
+        finally:
+            again.stop()
+
+
 def test_comfyui_refusing_at_claim_time_hands_the_job_back(double: ComfyDouble, env_base: dict[str, str],
                                                            client: redis.Redis, queue: Queue) -> None:
     """Healthy at the last check, gone at the claim: the job goes back in line at once, no retry counted."""
@@ -505,6 +544,17 @@ def test_comfyui_refusing_at_claim_time_hands_the_job_back(double: ComfyDouble, 
         assert not [f for f in events(client, job_id) if f["event"] in ("retrying", "failed")]
         wait_alive(proc, lambda: not json.loads(client.hget(k.worker("comfy-gone"), "services_health") or "{}")
                    .get("comfyui", {}).get("ok", True), 10, "the worker to report ComfyUI down")
+
+
+def test_a_worker_whose_comfyui_is_down_never_advertises_it(double: ComfyDouble, env_base: dict[str, str],
+                                                           client: redis.Redis, queue: Queue) -> None:
+    """Its first health check runs before it registers: the record's services list only the healthy ones."""
+    double.stop()
+    k = queue.keys
+    with worker_process(proc_env(double, env_base), client, "comfy-down", timeout_s=30) as proc:
+        wait_alive(proc, lambda: client.hget(k.worker("comfy-down"), "services") is not None, 20,
+                   "the worker to register")
+        assert "comfyui" not in client.hget(k.worker("comfy-down"), "services").split(",")
 
 
 def test_next_attempt_stops_the_prompt_a_killed_worker_left(double: ComfyDouble, env_base: dict[str, str],

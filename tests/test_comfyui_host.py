@@ -18,6 +18,7 @@ import pytest
 import redis
 from supervisor.xmlrpc import SupervisorTransport
 
+from appliance.cli import readiness
 from appliance.comfyui_host import ComfyUIHostSettings, conf, endpoint, plan, with_comfyui_connector
 from appliance.jobs import JobSpec
 from appliance.keys import Keys
@@ -27,6 +28,7 @@ from appliance.redis_conn import connect
 from appliance.runtime import WorkerProgram, changed_settings, cpu_worker_programs
 from appliance.settings import QueueSettings, SettingsError
 from conftest import ROOT
+from connectors.comfyui_settings import ComfyUISettings
 from loadtest.private import PrivateAppliance, free_port
 from procs import wait_for
 
@@ -122,6 +124,25 @@ def test_endpoints_of_external_comfyui() -> None:
         endpoint("X", "http://user:pw@host:8188")
 
 
+def test_a_bad_comfyui_host_names_the_variable() -> None:
+    """A host http.client would refuse later (InvalidURL, a crash-looping worker) is refused when parsed."""
+    for host in ("bad host", "a\tb", "-x", "x..y", "h\x00"):
+        with pytest.raises(SettingsError, match="^WORKER_COMFYUI_HOST="):
+            ComfyUISettings.from_env({"WORKER_COMFYUI_HOST": host})
+    for host in ("localhost", "comfy-1.lan", "10.0.0.5", "::1"):
+        assert ComfyUISettings.from_env({"WORKER_COMFYUI_HOST": host}).host == host
+    with pytest.raises(SettingsError, match="^X=.*not a hostname"):
+        endpoint("X", "http://bad host:8188")
+
+
+def test_readiness_checks_fatal_before_ready() -> None:
+    """A FATAL ComfyUI (its port taken) is not "nothing starting": `restart` must fail naming it."""
+    fatal = [{"name": "api", "statename": "RUNNING"}, {"name": "comfyui2", "statename": "FATAL"}]
+    assert readiness(200, 2, 2, fatal) == ("fatal", ["comfyui2"])
+    assert readiness(200, 2, 2, [{"name": "comfyui1", "statename": "BACKOFF"}]) == ("waiting", ["comfyui1"])
+    assert readiness(200, 2, 2, [{"name": "comfyui1", "statename": "RUNNING"}]) == ("ready", [])
+
+
 def test_comfyui_joins_the_connectors_and_services() -> None:
     assert with_comfyui_connector({})["WORKER_CONNECTORS"] == "simulation,comfyui"
     assert "WORKER_SERVICES" not in with_comfyui_connector({})  # services default to the connectors
@@ -156,6 +177,7 @@ def test_one_comfyui_per_gpu_worker_on_its_gpu_and_port(tmp_path: Path) -> None:
     assert [p.spec for p in programs] == ["comfyui:comfyui1", "comfyui:comfyui2"]
     assert [p.spec for p in resolve(programs, ["comfyui1"])[0]] == ["comfyui:comfyui1"]
     assert [p.spec for p in resolve(programs, ["comfyui"])[0]] == ["comfyui:comfyui1", "comfyui:comfyui2"]
+    assert [p.spec for p in resolve(programs, ["comfyui:"])[0]] == ["comfyui:comfyui1", "comfyui:comfyui2"]
     section = text.split("[program:comfyui2]")[1].split("\n\n")[0]
     command = next(line for line in section.splitlines() if line.startswith("command="))
     assert tuple(shlex.split(command.removeprefix("command="))) == planned.programs[1].command
@@ -193,7 +215,9 @@ def test_bin_appliance_refuses_a_bad_comfyui_setting_before_starting(tmp_path: P
     base.update(APPLIANCE_RUN_DIR=str(run), APPLIANCE_ENV_FILE=str(tmp_path / "none.env"), WORKER_GPU_COUNT="0",
                 REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", API_PORT=str(free_port()), PYTHONPATH=str(ROOT))
     for extra, named in (({"COMFYUI_DIR": str(tmp_path)}, "COMFYUI_DIR"),
-                         ({"WORKER_COUNT": "2", "WORKER_COMFYUI_URLS": "http://a:1"}, "WORKER_COMFYUI_URLS")):
+                         ({"WORKER_COUNT": "2", "WORKER_COMFYUI_URLS": "http://a:1"}, "WORKER_COMFYUI_URLS"),
+                         ({"WORKER_CONNECTORS": "simulation,comfyui", "WORKER_COMFYUI_HOST": "bad host"},
+                          "WORKER_COMFYUI_HOST")):
         done = subprocess.run([sys.executable, "-m", "appliance.cli", "start"], env={**base, **extra}, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stdout + done.stderr

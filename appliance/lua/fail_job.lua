@@ -10,7 +10,8 @@
 -- ARGV details       error details (JSON text, '' for none): stored as error_details and sent with the event
 -- A retry happens while retry_count < max_retries; it counts one retry, records last_failed_worker and waits
 -- its backoff (backoff_ms in _lib, from the prelude's ARGV) in jobs:delayed, or goes back in line at once when
--- that is 0. A job whose cancel was requested meanwhile ends cancelled instead.
+-- that is 0. Either way the job's `message` becomes the error (not the last progress line). A job whose cancel
+-- was requested meanwhile ends cancelled instead.
 -- Returns {"retrying", retry_count, due_ms} or {"ended", status} or {"not_found"} / {"lost"}.
 keep_running_when_full()
 retryable = retryable == '1'
@@ -30,7 +31,8 @@ if retryable and job.retry_count < job.max_retries then
   local retries = job.retry_count + 1
   local due = NOW_MS + backoff_ms(job.retry_count, JITTER)
   set_status(job_id, job.status, 'pending', job.seq, { 'retry_count', retries, 'last_failed_worker', worker_id,
-    'worker_id', '', 'error', err, 'error_details', details, 'failed_at', NOW_ISO, 'progress', 0, 'retry_at', due })
+    'worker_id', '', 'error', err, 'message', err, 'error_details', details, 'failed_at', NOW_ISO, 'progress', 0,
+    'retry_at', due })
   emit(job_id, { 'event', 'retrying', 'status', 'retrying', 'worker_id', worker_id, 'error', err,
     'message', err, 'retry_count', retries, 'max_retries', job.max_retries, 'will_retry', 'true',
     'retry_at', due, 'error_details', details })
@@ -42,8 +44,8 @@ if retryable and job.retry_count < job.max_retries then
   unhold(worker_id, worker_key, jobs_key, job_id)
   return { 'retrying', retries, due }
 end
-set_status(job_id, job.status, final, job.seq, { 'error', err, 'error_details', details, 'failed_at', NOW_ISO,
-  'last_failed_worker', worker_id })
+set_status(job_id, job.status, final, job.seq, { 'error', err, 'message', err, 'error_details', details,
+  'failed_at', NOW_ISO, 'last_failed_worker', worker_id })
 if final == 'failed' or final == 'timeout' then
   count(worker_key, 'total_jobs_failed')
 end
