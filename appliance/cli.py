@@ -273,7 +273,8 @@ def cmd_status(env: dict[str, str], args: argparse.Namespace) -> int:
     print(f"api: {recorded.get('api_url', api_url(env))}: {api.access_note()}")
     if recorded.get("comfyui"):
         print("comfyui (one per worker; a worker offers comfyui while its ComfyUI answers):")
-        print("\n".join(comfyui_host.describe(recorded["comfyui"])))
+        states = {p.name: (p.state, p.description) for p in programs}
+        print("\n".join(comfyui_host.describe(recorded["comfyui"], states)))
     kept = recorded_settings(paths)
     if kept:
         print("settings: " + " ".join(f"{k}={redact_setting(k, v)}" for k, v in kept.items()))

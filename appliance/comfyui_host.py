@@ -286,18 +286,29 @@ def recorded(programs: list[ComfyUIProgram]) -> list[dict[str, Any]]:
     return [{"program": p.name, "worker": p.worker, "url": p.url, "device": p.device} for p in programs]
 
 
-def describe(entries: list[dict[str, Any]]) -> list[str]:
-    """One line per managed ComfyUI for `status`: its address, worker and device, and whether it answers now."""
+def describe(entries: list[dict[str, Any]], states: dict[str, tuple[str, str]] | None = None) -> list[str]:
+    """One line per managed ComfyUI for `status`: its address, worker and device, and whether it answers now.
+
+    `states` maps each program's name to supervisord's state and description ("pid 7, uptime 0:00:35"): a
+    program that is not RUNNING is reported as such, and one that does not answer is "loading" only in its first
+    minute."""
     lines = []
     for entry in entries:
-        url = str(entry.get("url"))
-        try:
-            with urllib.request.urlopen(f"{url}/system_stats", timeout=PROBE_TIMEOUT_S) as reply:
-                system = json.loads(reply.read()).get("system") or {}
-            state = f"answers (ComfyUI {system.get('comfyui_version') or '?'})"
-        except (OSError, ValueError, AttributeError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            state = f"not answering ({reason}): loading, or see `bin/appliance logs {entry.get('program')}`"
+        url, program = str(entry.get("url")), str(entry.get("program"))
+        state_name, description = (states or {}).get(program, ("RUNNING", ""))
+        logs = f"see `bin/appliance logs {program}`"
+        if state_name != "RUNNING":
+            state = f"not running ({state_name}): {logs}"
+        else:
+            try:
+                with urllib.request.urlopen(f"{url}/system_stats", timeout=PROBE_TIMEOUT_S) as reply:
+                    system = json.loads(reply.read()).get("system") or {}
+                state = f"answers (ComfyUI {system.get('comfyui_version') or '?'})"
+            except (OSError, ValueError, AttributeError) as exc:
+                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                uptime = re.search(r"uptime (\d+):(\d\d):(\d\d)$", description)
+                young = uptime is not None and int(uptime[1]) == 0 and int(uptime[2]) == 0
+                state = f"not answering ({reason}): " + (f"loading, or {logs}" if young else logs)
         device = entry.get("device") or "CPU (--cpu)"
-        lines.append(f"  {entry.get('program'):<10} {url} for {entry.get('worker')} on {device}: {state}")
+        lines.append(f"  {program:<10} {url} for {entry.get('worker')} on {device}: {state}")
     return lines

@@ -19,7 +19,7 @@ import redis
 from supervisor.xmlrpc import SupervisorTransport
 
 from appliance.cli import readiness
-from appliance.comfyui_host import ComfyUIHostSettings, conf, endpoint, plan, with_comfyui_connector
+from appliance.comfyui_host import ComfyUIHostSettings, conf, describe, endpoint, plan, with_comfyui_connector
 from appliance.jobs import JobSpec
 from appliance.keys import Keys
 from appliance.programs import configured_programs, resolve
@@ -376,3 +376,25 @@ def _read(path: Path) -> dict[str, Any] | None:
         return dict(json.loads(path.read_text()))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def test_status_lines_tell_a_stopped_or_failed_comfyui_from_a_loading_one() -> None:
+    """`status` shows supervisord's state for a ComfyUI that is not running, and "loading" only in a running
+    one's first minute."""
+    from comfyui_double import ComfyDouble
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    double = ComfyDouble().start()
+    try:
+        entries = [{"program": "comfyui1", "worker": "worker1-direct", "url": double.url, "device": "GPU-1"},
+                   {"program": "comfyui2", "worker": "worker2-direct", "url": down, "device": "GPU-2"}]
+        fatal, young, old = describe(entries, {"comfyui1": ("RUNNING", "pid 7, uptime 0:05:00"),
+                                               "comfyui2": ("FATAL", "Exited too quickly")}), \
+            describe(entries[1:], {"comfyui2": ("RUNNING", "pid 8, uptime 0:00:12")}), \
+            describe(entries[1:], {"comfyui2": ("RUNNING", "pid 8, uptime 0:03:12")})
+    finally:
+        double.stop()
+    assert "comfyui1" in fatal[0] and "answers (ComfyUI" in fatal[0]
+    assert fatal[1].endswith("not running (FATAL): see `bin/appliance logs comfyui2`")
+    assert "not answering (" in young[0] and "loading, or see `bin/appliance logs comfyui2`" in young[0]
+    assert "not answering (" in old[0] and "loading" not in old[0]
