@@ -267,7 +267,8 @@ def human_bytes(size: int) -> str:
 def record_settings(paths: Paths, env: Mapping[str, str]) -> None:
     """Keep the settings the appliance runs with (secrets included: the file is private), so that a later
     `restart` or `start` from a shell without them keeps them."""
-    values = {key: env[key] for key in sorted(env) if is_setting(key) and key not in NOT_RECORDED}
+    # a setting set empty means its default: nothing to keep
+    values = {key: env[key] for key in sorted(env) if is_setting(key) and key not in NOT_RECORDED and env[key] != ""}
     write_atomic(paths.settings, json.dumps(values, indent=1, sort_keys=True) + "\n")
 
 

@@ -85,7 +85,7 @@ def test_redis_password_maxmemory_and_recorded_settings(tmp_path: Path) -> None:
     assert len(made) >= 32 and redis_password(paths, create=True) == made
     assert stat.S_IMODE(paths.redis_password.stat().st_mode) == 0o600
     record_settings(paths, {"API_PORT": "4000", "API_KEYS": "a:0123456789abcdefgh", "PATH": "/bin",
-                            "APPLIANCE_ENV_FILE": "x.env"})
+                            "APPLIANCE_ENV_FILE": "x.env", "COMFYUI_DIR": ""})  # set empty: its default
     assert recorded_settings(paths) == {"API_PORT": "4000", "API_KEYS": "a:0123456789abcdefgh"}
     assert stat.S_IMODE(paths.settings.stat().st_mode) == 0o600
     sticky = tmp_path / "shared"
