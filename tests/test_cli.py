@@ -184,7 +184,9 @@ def check_running_appliance(app: PrivateAppliance, env: dict[str, str], client: 
     assert state("workers:worker1") == "RUNNING" and cli("status")[0] == 0
 
     # a program that keeps failing ends FATAL: status exits 1 naming it; start applies the settings again
-    conf.write_text(conf.read_text().replace("environment=", 'environment=WORKER_MAX_CONCURRENT_JOBS="0",'))
+    # (no retries in the edited section: the generated one retries ten times with supervisord's growing backoff)
+    broken = conf.read_text().replace("environment=", 'environment=WORKER_MAX_CONCURRENT_JOBS="0",')
+    conf.write_text(re.sub(r"startretries=\d+", "startretries=0", broken))
     assert cli("ctl", "update", "workers")[0] == 0
     wait_for(lambda: state("workers:worker1") == "FATAL", 60, "workers:worker1 to end FATAL")
     code, out, _ = cli("status")
