@@ -219,12 +219,16 @@ local function unhold(worker_id, worker_key, worker_jobs_key, job_id)
 end
 
 -- The job's status, seq, service, score, retry_count, max_retries and started_at if `worker_id` holds it
--- under `attempt`; otherwise nil and why ("not_found", or "lost": the job moved on without this worker).
-local function held(job_id, worker_id, attempt)
+-- under `attempt`; otherwise nil and why ("not_found", or "lost": the job moved on without this worker, and
+-- leaves the worker's set of held jobs, `worker_jobs_key`, when given).
+local function held(job_id, worker_id, attempt, worker_jobs_key)
   local job = redis.call('HMGET', P_JOB .. job_id, 'status', 'worker_id', 'attempt', 'seq',
     'service_required', 'score', 'retry_count', 'max_retries', 'started_at', 'queue', 'cancel_requested')
   if not job[1] then return nil, 'not_found' end
-  if not ACTIVE[job[1]] or job[2] ~= worker_id or job[3] ~= attempt then return nil, 'lost' end
+  if not ACTIVE[job[1]] or job[2] ~= worker_id or job[3] ~= attempt then
+    if worker_jobs_key then redis.call('SREM', worker_jobs_key, job_id) end
+    return nil, 'lost'
+  end
   return { status = job[1], seq = job[4], service = job[5], score = job[6],
     retry_count = tonumber(job[7]) or 0, max_retries = tonumber(job[8]) or 0, started_at = job[9],
     queue = job[10], cancel_requested = job[11] and job[11] ~= '' }

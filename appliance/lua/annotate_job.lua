@@ -8,11 +8,8 @@
 -- ARGV fields...      field, value pairs (the caller checks the names: only `<service>_...`)
 -- Returns {"ok"} or {"not_found"} / {"lost"}.
 keep_running_when_full()
-local job, why = held(job_id, worker_id, attempt)
-if not job then
-  if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
-  return { why }
-end
+local job, why = held(job_id, worker_id, attempt, jobs_key)
+if not job then return { why } end
 local fields = {}
 for i = fields_at, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then

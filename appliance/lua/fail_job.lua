@@ -16,11 +16,8 @@
 keep_running_when_full()
 retryable = retryable == '1'
 details = details or ''
-local job, why = held(job_id, worker_id, attempt)
-if not job then
-  if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
-  return { why }
-end
+local job, why = held(job_id, worker_id, attempt, jobs_key)
+if not job then return { why } end
 if job.cancel_requested then
   end_cancelled(job_id, job.status, job.seq, job.service, worker_id)
   unhold(worker_id, worker_key, jobs_key, job_id)

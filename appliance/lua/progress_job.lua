@@ -10,11 +10,8 @@
 -- The first step moves the job from assigned to in_progress (with its own "in_progress" event).
 -- Returns {"ok", stream entry id} or {"not_found"} / {"lost"}.
 keep_running_when_full()
-local job, why = held(job_id, worker_id, attempt)
-if not job then
-  if why == 'lost' then redis.call('SREM', jobs_key, job_id) end
-  return { why }
-end
+local job, why = held(job_id, worker_id, attempt, jobs_key)
+if not job then return { why } end
 if job.status == 'assigned' then
   set_status(job_id, 'assigned', 'in_progress', job.seq, { 'started_at', NOW_ISO, 'progress', percent,
     'message', message, 'current_step', step, 'total_steps', total })
